@@ -1,0 +1,206 @@
+"""DMD generator loss, forward + backward: eager reference vs torch.compile vs flashdistill backends.
+
+One timed run, for x a leaf that requires grad (x.grad set to None before each run, untimed):
+
+    loss = dmd_loss(x, real, fake, real_uncond=real_uncond, guidance=1.75)   # CFG on (default)
+    loss.backward()
+
+impls, in the same run and on the same inputs:
+    eager               flashdistill.kernels.dmd.reference.dmd_loss (the plain PyTorch spec)
+    compile             torch.compile of that same function (inductor, static shapes; compiled untimed)
+    flashdistill:NAME   flashdistill.dmd_loss(..., backend=NAME) for each available backend, except
+                        "reference" (that is eager) and "triton" on the CPU (interpreter timings mean
+                        nothing) unless asked for with --backends
+
+Bytes model (the floor): the fused op's minimal traffic, read x, real, fake (and real_uncond when
+guided) once and write the gradient once: (3 or 4 reads + 1 write) x N x element size.
+
+    python benchmarks/bench_dmd.py                 # CPU: fp32, 3 shapes, ~1-3 min
+    python benchmarks/bench_dmd.py --quick --check # smoke test, < 30 s with a warm inductor cache
+    python benchmarks/bench_dmd.py --no-cfg --shapes 64x16x64x64
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+SHAPES = [(16, 4, 64, 64), (64, 16, 64, 64), (8, 16, 16, 64, 64)]
+QUICK_SHAPES = [(16, 4, 64, 64)]
+GUIDANCE = 1.75
+
+# --check budget: |err(impl)| <= 2 x |err(eager reference in the same dtype)| + FLOOR, errors relative to
+# the reference run in float64 (flash-attention's rule). The floor is a few roundings of the dtype.
+CHECK_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def import_flashdistill():
+    """Lazily: the harness and --help work without the package; a missing build is one clear message."""
+    try:
+        import flashdistill
+        import flashdistill.kernels.dmd.reference as reference
+    except ImportError as e:
+        raise SystemExit(f"bench_dmd: cannot import flashdistill ({e}); from the repo root: pip install -e .") from e
+    return flashdistill, reference
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(d) for d in s.strip().split("x")) for s in text.split(",") if s.strip()]
+
+
+def choose_backends(fd, cfg: harness.Config) -> list[str]:
+    device = cfg.device
+    avail = list(fd.available_backends(device))
+    status = getattr(fd, "backend_status", None)
+    if cfg.backends is not None:
+        for b in cfg.backends:
+            if b != "auto" and b not in avail:
+                why = status(b, device)[1] if status else "not in available_backends"
+                raise SystemExit(f"bench_dmd: backend {b!r} is not available on {device}: {why}")
+        if "triton" in cfg.backends and device.type == "cpu":
+            harness.log("[dmd] warning: triton on the CPU runs in the interpreter; its times mean nothing")
+        return cfg.backends
+    chosen = [b for b in avail if b != "reference" and not (b == "triton" and device.type == "cpu")]
+    skipped = ["reference (= eager)"] + (["triton (interpreter on CPU)"] if "triton" in avail and device.type == "cpu" else [])
+    for b in getattr(fd, "BACKENDS", ()):
+        if b not in avail:
+            skipped.append(f"{b} ({status(b, device)[1] if status else 'unavailable'})")
+    harness.log(f"[dmd] flashdistill backends timed: {', '.join(chosen) or 'none'}; skipped: {'; '.join(skipped)}")
+    return chosen
+
+
+def loss_kwargs(real_uncond, guidance):
+    return {} if real_uncond is None else {"real_uncond": real_uncond, "guidance": guidance}
+
+
+def make_step(loss_fn, guidance):
+    def step(x, real, fake, real_uncond):
+        loss = loss_fn(x, real, fake, **loss_kwargs(real_uncond, guidance))
+        loss.backward()
+
+    return step
+
+
+def reset_grad(x, *_):
+    x.grad = None
+
+
+def _loss_and_grad(loss_fn, tensors, guidance):
+    x, real, fake, unc = tensors
+    x = x.detach().clone().requires_grad_()
+    loss = loss_fn(x, real, fake, **loss_kwargs(unc, guidance))
+    loss.backward()
+    return loss.detach().double(), x.grad.double()
+
+
+def check(case: str, reference, impls: dict, args: tuple, guidance, dtype: torch.dtype) -> None:
+    """Each impl's loss and gradient against the float64 reference, within a budget set by eager's error."""
+    to64 = tuple(None if t is None else t.detach().double() for t in args)
+    w64 = guidance.double() if isinstance(guidance, torch.Tensor) else guidance
+    l64, g64 = _loss_and_grad(reference, to64, w64)
+
+    def errors(loss, grad):
+        el = ((loss - l64).abs() / l64.abs().clamp_min(1e-300)).item()
+        eg = ((grad - g64).norm() / g64.norm().clamp_min(1e-300)).item()
+        return el, eg
+
+    el0, eg0 = errors(*_loss_and_grad(reference, args, guidance))
+    floor = CHECK_FLOOR[dtype]
+    bl, bg = 2 * el0 + floor, 2 * eg0 + floor
+    harness.log(f"[dmd] check {case}: eager rel err loss {el0:.1e} grad {eg0:.1e}; budget loss {bl:.1e} grad {bg:.1e}")
+    bad = []
+    for name, fn in impls.items():
+        el, eg = errors(*_loss_and_grad(fn, args, guidance))
+        ok = el <= bl and eg <= bg  # NaN fails
+        harness.log(f"[dmd] check {case}: {name:<20} loss {el:.1e} grad {eg:.1e} {'ok' if ok else 'OVER BUDGET'}")
+        if not ok:
+            bad.append(f"{name}: loss rel err {el:.2e} (budget {bl:.1e}), grad rel err {eg:.2e} (budget {bg:.1e})")
+    if bad:
+        raise AssertionError(f"bench_dmd --check {case} {harness.dtype_name(dtype)}:\n  " + "\n  ".join(bad))
+
+
+def main(argv=None) -> int:
+    parser = harness.make_parser(__doc__)
+    parser.add_argument("--no-cfg", action="store_true", help="no classifier-free guidance (3 inputs, not 4)")
+    parser.add_argument("--per-sample-guidance", action="store_true", help=f"guidance as a [B] tensor of {GUIDANCE}")
+    parser.add_argument("--shapes", default=None, help="comma list like 16x4x64x64,8x16x16x64x64 (default: the 3 standard)")
+    parser.add_argument("--check", action="store_true", help="assert every impl's loss and grad match the reference first")
+    cfg = harness.parse_config(parser, argv)
+    a = cfg.args
+    fd, reference = import_flashdistill()
+    device, dtype = cfg.device, cfg.dtype_or(cpu=torch.float32, cuda=torch.bfloat16)
+    shapes = parse_shapes(a.shapes) if a.shapes else (QUICK_SHAPES if cfg.quick else SHAPES)
+    backends = choose_backends(fd, cfg)
+    bench = harness.Bench("dmd", cfg)
+
+    ref = reference.dmd_loss
+    impls = {"eager": ref}
+    if cfg.compile:
+        impls["compile"] = torch.compile(ref, dynamic=False)  # one static graph per shape, like a training run
+    for b in backends:
+        impls[f"flashdistill:{b}"] = functools.partial(fd.dmd_loss, backend=b)
+
+    guided = not a.no_cfg
+    gen = torch.Generator(device=device).manual_seed(0)
+    for shape in shapes:
+        n, es = torch.Size(shape).numel(), torch.empty((), dtype=dtype).element_size()
+        nbytes = ((4 if guided else 3) + 1) * n * es
+        if not guided:
+            guidance, variant = None, "nocfg"
+        elif a.per_sample_guidance:
+            gdtype = torch.float64 if dtype == torch.float64 else torch.float32  # the compute dtype
+            guidance, variant = torch.full((shape[0],), GUIDANCE, device=device, dtype=gdtype), "cfg=[B]"
+        else:
+            guidance, variant = GUIDANCE, f"cfg={GUIDANCE}"
+        case = "x".join(map(str, shape)) + " " + variant
+
+        def randn():
+            return torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+
+        base = (randn().requires_grad_(), randn(), randn(), randn() if guided else None)
+
+        def factory(base=base):
+            x, *rest = base
+            return (x.detach().clone().requires_grad_(), *(None if t is None else t.clone() for t in rest))
+
+        inputs = bench.make_inputs(factory, nbytes)
+        harness.log(f"[dmd] {case} {harness.dtype_name(dtype)}: N={n:,}, bytes model {nbytes / 1e6:.1f} MB; {inputs.plan.why}")
+        del base
+
+        notes = {}
+        if "compile" in impls:  # compile before timing, on the first copy; report how long it took
+            t0 = time.perf_counter()
+            try:
+                reset_grad(*inputs.first())
+                make_step(impls["compile"], guidance)(*inputs.first())
+                harness.synchronize(device)
+                notes["compile"] = f"compile+first call {time.perf_counter() - t0:.1f} s"
+                harness.log(f"[dmd] {case}: {notes['compile']}")
+            except Exception as e:  # noqa: BLE001
+                bench.fail(case, "compile", e)
+                del impls["compile"]
+        if a.check:
+            check(case, ref, {k: v for k, v in impls.items() if k != "eager"}, inputs.first(), guidance, dtype)
+
+        for name, loss_fn in impls.items():
+            bench.time(case=case, dtype=dtype, impl=name, fn=make_step(loss_fn, guidance), inputs=inputs,
+                       nbytes=nbytes, setup=reset_grad, note=notes.get(name, ""))  # fmt: skip
+        del inputs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    bench.finish()
+    return bench.exit_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+// flashdistill._C: the CPU ops (declared in ops.h) behind the plain-integer ABI of csrc/README.md.
+// Each op is one m.def below; all of them release the GIL while they run.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "ops.h"
+
+namespace py = pybind11;
+namespace fd = flashdistill::cpu;
+
+namespace {
+
+py::dict build_info() {
+  py::dict d;
+#ifdef __VERSION__
+  d["compiler"] = std::string(__VERSION__);
+#else
+  d["compiler"] = py::none();
+#endif
+#ifdef _OPENMP
+  d["openmp"] = int64_t(_OPENMP);
+#else
+  d["openmp"] = py::none();
+#endif
+  auto flag = [](bool on) { return py::bool_(on); };
+#ifdef __AVX2__
+  d["avx2"] = flag(true);
+#else
+  d["avx2"] = flag(false);
+#endif
+#ifdef __F16C__
+  d["f16c"] = flag(true);
+#else
+  d["f16c"] = flag(false);
+#endif
+#ifdef __FMA__
+  d["fma"] = flag(true);
+#else
+  d["fma"] = flag(false);
+#endif
+#ifdef __AVX512F__
+  d["avx512f"] = flag(true);
+#else
+  d["avx512f"] = flag(false);
+#endif
+  return d;
+}
+
+int omp_max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "flashdistill CPU kernels (plain-integer ABI, see csrc/README.md)";
+  using release = py::call_guard<py::gil_scoped_release>;
+
+  m.def("dmd_forward", &fd::dmd_forward, release(),
+        "Fused DMD loss forward: g [B, D] and loss (csrc/README.md).",
+        py::arg("dtype"), py::arg("B"), py::arg("D"),
+        py::arg("x"), py::arg("x_bstride"), py::arg("real"), py::arg("real_bstride"),
+        py::arg("fake"), py::arg("fake_bstride"), py::arg("real_uncond"), py::arg("real_uncond_bstride"),
+        py::arg("guidance"), py::arg("guidance_scale"), py::arg("eps"),
+        py::arg("g"), py::arg("loss"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("stream"));
+  m.def("dmd_workspace_bytes", &fd::dmd_workspace_bytes, release(),
+        "Scratch bytes dmd_forward needs (0 on the CPU).", py::arg("dtype"), py::arg("B"), py::arg("D"));
+
+  m.def("build_info", &build_info, "How this module was compiled: compiler, OpenMP, ISA extensions.");
+  m.def("omp_max_threads", &omp_max_threads, "omp_get_max_threads() (1 without OpenMP).");
+}
