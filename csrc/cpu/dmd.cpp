@@ -1,33 +1,38 @@
 // CPU DMD loss forward: dmd_forward of csrc/README.md, the math of include/flashdistill/dmd.h.
 //
-// Traffic and work, per element, with s = sizeof(dtype) (4 fp32, 2 fp16/bf16, 8 fp64):
-//   pass 1  reads x, real (+ uncond)                     2s (3s with CFG) bytes
-//   pass 2  reads real (+ uncond) again and fake, writes g; real (+ uncond) come from L2 (below),
-//           so only fake and g reach memory              2s bytes
-//   DRAM total: 3 reads + 1 write = 4s bytes (no CFG), 4 reads + 1 write = 5s bytes (CFG);
-//   e.g. B = 64, D = 16*64*64 fp32: 4 x 16.8 MB = 67.1 MB (no CFG), 5 x 16.8 MB = 83.9 MB (CFG).
-//   (g's write-allocate read, if the CPU does one, is not counted.) Nothing else is read or
-//   written but 2 doubles per 2048 elements of partial sums.
-//   flops: pass 1 sub, abs, add (+ sub, mul, add for CFG); pass 2 sub, div, 3 compare/selects
-//   (nan_to_num), mul, add (+ sub, mul, add for CFG): ~11 (~17 with CFG), one of them a division.
-//   At ~4-5 bytes per flop this is bound by memory bandwidth, the division's throughput second.
+// Traffic, per element, with s = sizeof(dtype) (4 fp32, 2 fp16/bf16, 8 fp64):
+//   pass 1  reads x, real (+ uncond) from memory                    2s (3s with CFG)
+//   pass 2  reads real (+ uncond) again, from L2 (see below), and fake from memory; writes g
+//           memory:                                                  s read + s written
+//   total   inputs read 3s (4s), output written s: 4s (5s) bytes per element, i.e. 4 (5) passes
+//           over B*D*s bytes; B = 64, D = 16*64*64 fp32: 4 x 16.8 = 67.1 MB (83.9 MB with CFG).
+//   Not counted: the read-for-ownership of g where the CPU does one; partial sums (16 bytes per
+//   2048 elements); the re-read of real (+ uncond) where a sample's rows do not fit in L2.
+// Work per element: pass 1 sub, abs, add; pass 2 sub, div, mul, add and nan_to_num's 3 compares
+// and 3 selects; CFG adds sub, mul, add to each pass. 7 arithmetic ops (13 with CFG), one a
+// division, per 16 (20) bytes of fp32: memory-bound, with the division's throughput next (in L2,
+// one core does ~3 elements per ns).
 //
-// Scheme. n_b needs all of sample b before any g of it, so the op is two passes over each sample.
-// Samples are processed in chunks of consecutive samples sized so that the pass-1 rows of a chunk
-// fit in the threads' L2 caches (kChunkBytesPerThread each): a chunk is one sample when D is large,
-// many when D is small. A chunk's rows are cut into blocks of kBlock elements (a short last block
-// per sample), and its (sample, block) items are split across the threads by a static schedule:
-// pass 1 over all items, barrier, n_b per sample, barrier, pass 2 over the same items (so each
-// thread re-reads from its own L2 what it read in pass 1), barrier, sum of g^2 per sample. Within
-// a block, sums run in Lanes<C>::n independent accumulators of the compute type (lane l takes the
-// elements i = l mod n of the block), which gcc vectorizes; the lanes and then the blocks are added
-// in double in index order. Every rounding is therefore fixed by (B, D) alone: g and loss are the
-// same bits whatever the thread count, chunking or instruction set (fp contraction is off below).
+// Scheme. n_b needs all of sample b before any g of it: two passes per sample. Rows are cut into
+// blocks of kBlock elements (the last block of a row is short); item it = b * nblk + k is block k
+// of sample b and has two partial sums, p1 (of |x - r|) and p2 (of g^2).
+//  - B >= kSamplesPerThread * threads (the usual case): a task is one sample (several when D is
+//    small), running pass 1, n_b, pass 2; tasks go to threads dynamically. No barrier, and while a
+//    sample's rows fit in L2 (2 MiB here: D up to ~128K fp32 without CFG) pass 2 re-reads
+//    them from there, so memory sees the 4s (5s) bytes above.
+//  - fewer samples: their blocks are split evenly across the threads, in chunks of samples whose
+//    pass-1 rows take ~kChunkBytesPerThread per thread; pass 1, one barrier, pass 2 on the same
+//    blocks by the same thread (its L2 again).
+// Within a block, sums run in Lanes<C>::n accumulators of the compute type (lane l takes the
+// elements l mod n of the block), which gcc keeps in vector registers; the lanes, the blocks of a
+// sample and the samples are then added in double in index order. So every rounding depends on
+// (B, D) alone: g and loss are the same bits for any thread count, either scheme, and any
+// instruction set (fp contraction is off below); tests check 1-4 threads, SSE2 and AVX-512 builds.
 //
-// 16-bit rows are widened to float in tiles of kTile elements (F16C for fp16 when compiled in,
-// else branch-free integer code; bf16 is a shift) and g is narrowed the same way; every conversion
-// gives the same bits as common.h's to_float / to_bf16 / to_f16 (NaN payloads aside, which
-// nan_to_num erases before any output).
+// 16-bit rows: bf16 loads widen inline (a shift); fp16 rows are widened per tile of kTile elements
+// (F16C, or integer code where the CPU lacks it), and 16-bit g goes through a float tile that is
+// then rounded (F16C, or integer code). Every conversion gives the bits of common.h's to_float /
+// to_bf16 / to_f16 (checked for all inputs), but NaN payloads, which nan_to_num erases anyway.
 
 // fp-contract=off: a + w * b stays two roundings, as torch computes it, rather than an FMA where
 // -march allows one, so the bits do not depend on the instruction set. no-trapping-math: lets gcc
@@ -60,8 +65,10 @@ namespace {
 
 constexpr int64_t kBlock = 2048;                     // elements per partial sum; fixes the results
 constexpr int64_t kTile = 256;                       // 16-bit rows are widened in tiles this long
-constexpr int64_t kChunkBytesPerThread = 768 << 10;  // pass-1 bytes per thread kept for pass 2
 constexpr int64_t kParallelMinElems = 1 << 15;       // below this B*D, one thread
+constexpr int64_t kSamplesPerThread = 4;             // from B >= this * threads, whole samples per task
+constexpr int64_t kTaskElems = 1 << 14;              // ... and at least this many elements per task
+constexpr int64_t kChunkBytesPerThread = 768 << 10;  // else: pass-1 bytes per thread kept for pass 2
 
 // Independent accumulators per sum: 4 AVX2 registers of float, 4 of double.
 template <typename C> struct Lanes;
@@ -102,7 +109,9 @@ inline uint16_t float_to_bf16_vec(float f) {
 
 // fp16 <-> float, 8 at a time, with the F16C instructions: inline where the build targets F16C;
 // else (x86 builds for an older baseline) compiled for F16C alone and used when the CPU has it.
-#if defined(__F16C__)
+// (-DFLASHDISTILL_NO_F16C turns both off, to test the integer conversions.)
+#if defined(FLASHDISTILL_NO_F16C)
+#elif defined(__F16C__)
 #define FD_F16C_TARGET
 inline bool use_f16c() { return true; }
 #elif (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
@@ -264,69 +273,122 @@ template <typename T> struct Rows {
   const T* row(int64_t b) const { return p + b * bstride; }
 };
 
+// One call's arguments and its per-block partial sums: p1 of |x - r| and p2 of g^2, item
+// it = b * nblk + k for block k of sample b. Every item is computed the same way whichever thread
+// runs it and whenever, and the partials are added in index order, so the schedule never shows.
+template <typename T> struct Problem {
+  using C = typename Compute<T>::type;
+  int64_t B, D, nblk;
+  Rows<T> x, real, fake, uncond;  // uncond.p == nullptr: no guidance
+  const C* guidance;
+  C w_all, eps;
+  T* g;
+  double* p1;
+  double* p2;
+
+  C weight(int64_t b) const { return guidance ? guidance[b] : w_all; }
+
+  void pass1(int64_t it) const {
+    const int64_t b = it / nblk, off = (it % nblk) * kBlock, n = std::min(kBlock, D - off);
+    const T* xr = x.row(b) + off;
+    const T* rr = real.row(b) + off;
+    p1[it] = uncond.p ? pass1_block<true>(xr, rr, uncond.row(b) + off, weight(b), n)
+                      : pass1_block<false>(xr, rr, rr, C(0), n);
+  }
+
+  C norm(int64_t b) const {  // n_b from the pass-1 partials of sample b
+    double S = 0.0;
+    for (int64_t k = 0; k < nblk; ++k) S += p1[b * nblk + k];
+    return dmd_norm(C(S / double(D)), eps);
+  }
+
+  void pass2(int64_t it, C nb) const {
+    const int64_t b = it / nblk, off = (it % nblk) * kBlock, n = std::min(kBlock, D - off);
+    const T* rr = real.row(b) + off;
+    const T* fr = fake.row(b) + off;
+    T* gr = g + b * D + off;
+    p2[it] = uncond.p ? pass2_block<true>(rr, uncond.row(b) + off, fr, weight(b), nb, gr, n)
+                      : pass2_block<false>(rr, rr, fr, C(0), nb, gr, n);
+  }
+
+  void sample(int64_t b) const {  // both passes of one sample
+    for (int64_t it = b * nblk; it < (b + 1) * nblk; ++it) pass1(it);
+    const C nb = norm(b);
+    for (int64_t it = b * nblk; it < (b + 1) * nblk; ++it) pass2(it, nb);
+  }
+};
+
+inline int thread_num() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+inline int num_threads() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 template <typename T>
 void forward(int64_t B, int64_t D, Rows<T> x, Rows<T> real, Rows<T> fake, Rows<T> uncond,
-             const typename Compute<T>::type* guidance, double guidance_scale, double eps_in,
+             const typename Compute<T>::type* guidance, double guidance_scale, double eps,
              T* g, typename Compute<T>::type* loss) {
   using C = typename Compute<T>::type;
-  if (B <= 0 || D <= 0) {  // mean over no elements
+  if (B <= 0 || D <= 0) {  // a mean over no elements
     *loss = std::numeric_limits<C>::quiet_NaN();
     return;
   }
-  const bool cfg = uncond.p != nullptr;
-  const C eps = C(eps_in), w_all = C(guidance_scale);
   const int64_t nblk = (D + kBlock - 1) / kBlock;
+  std::vector<double> p1(static_cast<size_t>(B * nblk)), p2(static_cast<size_t>(B * nblk));
+  const Problem<T> P{B, D, nblk, x, real, fake, uncond, guidance, C(guidance_scale), C(eps), g,
+                     p1.data(), p2.data()};
 
   int nthr = 1;
 #ifdef _OPENMP
   if (B * D >= kParallelMinElems) nthr = omp_get_max_threads();
 #endif
-  // Samples per chunk: their pass-1 rows fill about kChunkBytesPerThread of L2 per thread.
-  const int64_t sample_bytes = (cfg ? 3 : 2) * int64_t(sizeof(T)) * D;
-  const int64_t spc = std::max<int64_t>(1, std::min<int64_t>(B, nthr * kChunkBytesPerThread / sample_bytes));
-
-  std::vector<double> part(static_cast<size_t>(spc * nblk)), sumsq(static_cast<size_t>(B));
-  std::vector<C> nbv(static_cast<size_t>(spc));
-
-  auto weight = [&](int64_t b) { return guidance ? guidance[b] : w_all; };
-
+  if (B >= kSamplesPerThread * nthr) {
+    // Whole samples per task, several when D is small: no barrier, and a task's rows are read
+    // by pass 2 from the L2 that pass 1 filled (when they fit). Dynamic: a thread the OS
+    // preempts holds up one task, not the others.
+    const int64_t group = std::max<int64_t>(1, kTaskElems / D), ntasks = (B + group - 1) / group;
+#pragma omp parallel for num_threads(nthr) if (nthr > 1) schedule(dynamic, 1)
+    for (int64_t task = 0; task < ntasks; ++task)
+      for (int64_t b = task * group; b < std::min(B, (task + 1) * group); ++b) P.sample(b);
+  } else {
+    // Few samples: their blocks are split evenly across the threads, a chunk of samples at a
+    // time, sized so that a thread's pass-1 rows stay in its L2 for pass 2 (same blocks, same
+    // thread). One barrier per chunk, between its passes.
+    const int64_t sample_bytes = (uncond.p ? 3 : 2) * int64_t(sizeof(T)) * D;
+    const int64_t spc = std::max<int64_t>(1, std::min<int64_t>(B, nthr * kChunkBytesPerThread / sample_bytes));
 #pragma omp parallel num_threads(nthr) if (nthr > 1)
-  for (int64_t c0 = 0; c0 < B; c0 += spc) {
-    const int64_t cs = std::min(spc, B - c0), items = cs * nblk;
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t b = c0 + it / nblk, off = (it % nblk) * kBlock, n = std::min(kBlock, D - off);
-      const T* xr = x.row(b) + off;
-      const T* rr = real.row(b) + off;
-      part[size_t(it)] = cfg ? pass1_block<true>(xr, rr, uncond.row(b) + off, weight(b), n)
-                             : pass1_block<false>(xr, rr, rr, C(0), n);
-    }
-#pragma omp for schedule(static)
-    for (int64_t s = 0; s < cs; ++s) {
-      double S = 0.0;
-      for (int64_t k = 0; k < nblk; ++k) S += part[size_t(s * nblk + k)];
-      nbv[size_t(s)] = dmd_norm(C(S / double(D)), eps);
-    }
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < items; ++it) {
-      const int64_t s = it / nblk, b = c0 + s, off = (it % nblk) * kBlock, n = std::min(kBlock, D - off);
-      const T* rr = real.row(b) + off;
-      const T* fr = fake.row(b) + off;
-      T* gr = g + b * D + off;
-      const C nb = nbv[size_t(s)];
-      part[size_t(it)] = cfg ? pass2_block<true>(rr, uncond.row(b) + off, fr, weight(b), nb, gr, n)
-                             : pass2_block<false>(rr, rr, fr, C(0), nb, gr, n);
-    }
-#pragma omp for schedule(static)
-    for (int64_t s = 0; s < cs; ++s) {
-      double S = 0.0;
-      for (int64_t k = 0; k < nblk; ++k) S += part[size_t(s * nblk + k)];
-      sumsq[size_t(c0 + s)] = S;
+    {
+      const int64_t t = thread_num(), nt = num_threads();
+      for (int64_t c0 = 0; c0 < B; c0 += spc) {
+        const int64_t first = c0 * nblk, items = std::min(spc, B - c0) * nblk;
+        const int64_t lo = first + items * t / nt, hi = first + items * (t + 1) / nt;
+        for (int64_t it = lo; it < hi; ++it) P.pass1(it);
+#pragma omp barrier
+        int64_t b = -1;
+        C nb = C(0);
+        for (int64_t it = lo; it < hi; ++it) {
+          if (it / nblk != b) nb = P.norm(b = it / nblk);
+          P.pass2(it, nb);
+        }
+      }
     }
   }
 
   double total = 0.0;
-  for (int64_t b = 0; b < B; ++b) total += sumsq[size_t(b)];
+  for (int64_t b = 0; b < B; ++b) {
+    double S = 0.0;
+    for (int64_t k = 0; k < nblk; ++k) S += p2[size_t(b * nblk + k)];
+    total += S;
+  }
   *loss = C(0.5 * total / (double(B) * double(D)));
 }
 

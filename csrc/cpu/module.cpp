@@ -10,6 +10,11 @@
 
 #include "ops.h"
 
+// Written by setup.py into the build directory: -march, and whether/why the CUDA module was built.
+#if __has_include("fd_build_config.h")
+#include "fd_build_config.h"
+#endif
+
 namespace py = pybind11;
 namespace fd = flashdistill::cpu;
 
@@ -48,6 +53,11 @@ py::dict build_info() {
 #else
   d["avx512f"] = flag(false);
 #endif
+#ifdef FD_CPU_ARCH
+  d["cpu_arch"] = std::string(FD_CPU_ARCH);
+  d["cuda_built"] = py::bool_(FD_CUDA_BUILT != 0);
+  d["cuda_reason"] = std::string(FD_CUDA_REASON);
+#endif
   return d;
 }
 
@@ -75,6 +85,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"));
   m.def("dmd_workspace_bytes", &fd::dmd_workspace_bytes, release(),
         "Scratch bytes dmd_forward needs (0 on the CPU).", py::arg("dtype"), py::arg("B"), py::arg("D"));
+
+  m.def("grad_scale", &fd::grad_scale, release(),
+        "dst = src * (scale[0] * factor) in the compute type, rounded once.",
+        py::arg("dtype"), py::arg("n"), py::arg("src"), py::arg("dst"), py::arg("scale"), py::arg("factor"));
 
   m.def("build_info", &build_info, "How this module was compiled: compiler, OpenMP, ISA extensions.");
   m.def("omp_max_threads", &omp_max_threads, "omp_get_max_threads() (1 without OpenMP).");

@@ -24,5 +24,10 @@ void dmd_forward(int64_t dtype, int64_t B, int64_t D,
 // Scratch bytes dmd_forward needs from the caller: 0 on the CPU (it allocates its own few bytes).
 int64_t dmd_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
 
+// dst[i] = src[i] * (scale[0] * factor) in the compute type, rounded once (grad_scale.cpp): the
+// backward of losses that save dloss/dx up to the upstream scalar. scale points to one value of the
+// compute type.
+void grad_scale(int64_t dtype, int64_t n, uintptr_t src, uintptr_t dst, uintptr_t scale, double factor);
+
 }  // namespace cpu
 }  // namespace flashdistill

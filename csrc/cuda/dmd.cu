@@ -180,7 +180,9 @@ __device__ __forceinline__ C warp_sum(C v) {
   return v;  // lane 0 holds the warp's sum
 }
 
-// Sum of v over the block, returned to every thread. Safe to call repeatedly in one kernel.
+// Sum of v over the block, returned to every thread. Every thread must call it (it has barriers).
+// Safe to call repeatedly in one kernel: a call's reads of warp_sums (before its last barrier) and of
+// total (before the next call's second barrier) are ordered before the next call's writes.
 template <typename C>
 __device__ __forceinline__ C block_sum(C v) {
   __shared__ C warp_sums[32];
@@ -188,7 +190,6 @@ __device__ __forceinline__ C block_sum(C v) {
   const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
   const unsigned n_warps = (blockDim.x + 31u) >> 5;
   v = warp_sum(v);
-  __syncthreads();  // a previous call's readers of warp_sums / total are done
   if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
   if (warp == 0) {

@@ -8,8 +8,10 @@
 
 #include "ops.h"
 
-// FD_CUDA_ARCHS: the architectures the build compiled, as bare tokens (-DFD_CUDA_ARCHS=sm_80,sm_90),
-// stringified here. Without it, nvcc's own __CUDA_ARCH_LIST__ (e.g. 800,900; nvcc >= 11.5) is used.
+// The architectures compiled: by default nvcc's own __CUDA_ARCH_LIST__ (nvcc >= 11.5; e.g. "800,900"
+// for -gencode ...sm_80 -gencode ...sm_90), so the build needs to pass nothing. FD_CUDA_ARCHS, when
+// defined, overrides it: bare tokens, stringified here, joined with '+' rather than ',' because nvcc
+// splits -D values at commas (-DFD_CUDA_ARCHS=sm_80+sm_90 gives "sm_80+sm_90").
 #define FD_STR_(...) #__VA_ARGS__
 #define FD_STR(...) FD_STR_(__VA_ARGS__)
 #if defined(FD_CUDA_ARCHS)

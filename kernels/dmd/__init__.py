@@ -62,6 +62,8 @@ def dmd_loss(x: Tensor, real: Tensor, fake: Tensor, *, real_uncond: Optional[Ten
             guidance_scale = float(guidance)
         else:
             raise TypeError(f"{OP}: guidance must be a float or a per-sample tensor, got {type(guidance).__name__}")
+    # validated here too so that a non-tensor argument gets our message, not the dispatcher's
+    _validate(x, real, fake, real_uncond, guidance_tensor, guidance_scale, float(eps))
     loss, _ = torch.ops.flashdistill.dmd_loss(x, real, fake, real_uncond, guidance_tensor,
                                               guidance_scale, float(eps), backend)
     return loss
