@@ -52,14 +52,6 @@ def _cuda_decision():
     return True, "CUDA device visible at build time"
 
 
-def _cudart_static(nvcc):
-    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
-        if os.path.exists(os.path.join(root, sub, "libcudart_static.a")):
-            return os.path.join(root, sub)
-    raise RuntimeError(f"libcudart_static.a not found under {root}")
-
-
 def _ninja():
     try:
         import ninja  # the PyPI package ships the binary
@@ -105,7 +97,7 @@ class NinjaBuildExt(build_ext):
             "  description = c++ $in",
         ]
         objs = []
-        link_libs = "-fopenmp"
+        linker, link_libs = "$cxx", "-fopenmp"
         for src in ext.sources:
             if src.endswith(".cu"):
                 continue
@@ -122,7 +114,7 @@ class NinjaBuildExt(build_ext):
             lines += [
                 f"nvcc = {nvcc}",
                 f"nvflags = -O3 -std=c++17 -Xcompiler -fPIC,-fvisibility=hidden,-Wall -lineinfo "
-                f"-DFD_CUDA_ARCHS=\\\"{','.join('sm_' + a for a in archs)}\\\" {gencode} "
+                f"{gencode} "
                 f"-I{_q(os.path.join(ROOT, 'csrc', 'include'))}",
                 "rule nvcc",
                 "  command = $nvcc -MD -MF $out.d $nvflags -c $in -o $out",
@@ -134,11 +126,13 @@ class NinjaBuildExt(build_ext):
                 obj = os.path.join(bdir, os.path.relpath(src, ROOT).replace("/", "_") + ".o")
                 lines.append(f"build {_q(obj)}: nvcc {_q(os.path.join(ROOT, src))}")
                 objs.append(obj)
-            link_libs += f" -L{_q(_cudart_static(nvcc))} -lcudart_static -ldl -lrt -lpthread"
+            # nvcc links: it knows where its own static runtime lives (the module then needs only
+            # the driver, not a libcudart of a matching version).
+            linker, link_libs = "$nvcc", "-cudart static"
 
         lines += [
             "rule link",
-            f"  command = $cxx -shared $in -o $out {link_libs}",
+            f"  command = {linker} -shared $in -o $out {link_libs}",
             "  description = link $out",
             f"build {_q(out_path)}: link {' '.join(_q(o) for o in objs)}",
         ]

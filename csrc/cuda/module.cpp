@@ -28,6 +28,12 @@ void dmd_forward(int64_t dtype, int64_t B, int64_t D,
                         ptr<void>(workspace), workspace_bytes, ptr<CUstream_st>(stream));
 }
 
+void grad_scale(int64_t dtype, int64_t n, uintptr_t src, uintptr_t dst, uintptr_t scale, double factor,
+                uintptr_t stream) {
+  gpu::grad_scale_cuda(dtype, n, ptr<const void>(src), ptr<void>(dst), ptr<const void>(scale), factor,
+                       ptr<CUstream_st>(stream));
+}
+
 py::dict build_info() {
   const gpu::BuildInfo b = gpu::build_info();
   py::dict d;
@@ -63,4 +69,7 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("guidance"), py::arg("guidance_scale"), py::arg("eps"),
         py::arg("g"), py::arg("loss"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
         release(), "DMD loss forward: writes g [B, D] (dtype) and loss (compute type); enqueued on stream.");
+  m.def("grad_scale", &grad_scale, py::arg("dtype"), py::arg("n"), py::arg("src"), py::arg("dst"),
+        py::arg("scale"), py::arg("factor"), py::arg("stream"), release(),
+        "dst = src * (scale[0] * factor) in the compute type, rounded once; enqueued on stream.");
 }

@@ -58,5 +58,12 @@ void dmd_forward_cuda(int64_t dtype, int64_t B, int64_t D,
                       void* workspace, int64_t workspace_bytes,
                       CUstream_st* stream);
 
+// ---- grad_scale (grad_scale.cu) ------------------------------------------------------------------
+
+// dst[i] = src[i] * (scale[0] * factor) in the compute type, rounded once (the CUDA twin of
+// csrc/cpu/grad_scale.cpp); scale points to one value of the compute type, on the device.
+void grad_scale_cuda(int64_t dtype, int64_t n, const void* src, void* dst, const void* scale, double factor,
+                     CUstream_st* stream);
+
 }  // namespace gpu
 }  // namespace flashdistill
