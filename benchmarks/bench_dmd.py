@@ -6,7 +6,7 @@ One timed run, for x a leaf that requires grad (x.grad set to None before each r
     loss.backward()
 
 impls, in the same run and on the same inputs:
-    eager               flashdistill.kernels.dmd.reference.dmd_loss (the plain PyTorch spec)
+    eager               flashdistill.kernels.score_diff.reference.dmd_loss (the plain PyTorch spec)
     compile             torch.compile of that same function (inductor, static shapes; compiled untimed)
     flashdistill:NAME   flashdistill.dmd_loss(..., backend=NAME) for each available backend, except
                         "reference" (that is eager) and "triton" on the CPU (interpreter timings mean
@@ -46,7 +46,7 @@ def import_flashdistill():
     """Lazily: the harness and --help work without the package; a missing build is one clear message."""
     try:
         import flashdistill
-        import flashdistill.kernels.dmd.reference as reference
+        import flashdistill.kernels.score_diff.reference as reference
     except ImportError as e:
         raise SystemExit(f"bench_dmd: cannot import flashdistill ({e}); from the repo root: pip install -e .") from e
     return flashdistill, reference

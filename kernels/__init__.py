@@ -9,6 +9,6 @@ spec, with the paper it comes from), ``triton_kernel.py``; its C++ kernels are i
 
 from flashdistill.kernels.backends import BACKENDS, available_backends, backend_status, use_backend
 from flashdistill.kernels import grad_scale  # noqa: F401  (registers flashdistill::grad_scale)
-from flashdistill.kernels.dmd import dmd_loss
+from flashdistill.kernels.score_diff import dmd_loss
 
 __all__ = ["BACKENDS", "available_backends", "backend_status", "dmd_loss", "use_backend"]

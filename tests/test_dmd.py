@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 import flashdistill
 from flashdistill.kernels import dmd as dmd_mod
-from flashdistill.kernels.dmd import reference
+from flashdistill.kernels.score_diff import reference
 from oracle import as_oracle, assert_within_budget, backends_under_test, randn
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -90,6 +90,46 @@ PYBIND11_MODULE(_C, m) {
         "dst = src * (scale[0] * factor) in the compute type, rounded once.",
         py::arg("dtype"), py::arg("n"), py::arg("src"), py::arg("dst"), py::arg("scale"), py::arg("factor"));
 
+
+  // ---- score-loss skeletons (csrc/README.md) ----
+  m.def("score_diff_forward", &fd::score_diff_forward, release(),
+        "K1 forward: g [B, D] and the loss (csrc/README.md).",
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
+        py::arg("a"), py::arg("a_bs"), py::arg("a_u"), py::arg("a_u_bs"), py::arg("wa_ptr"), py::arg("wa"),
+        py::arg("b"), py::arg("b_bs"), py::arg("b_u"), py::arg("b_u_bs"), py::arg("wb_ptr"), py::arg("wb"),
+        py::arg("xt"), py::arg("xt_bs"), py::arg("coef"), py::arg("scale"), py::arg("norm"), py::arg("eps"),
+        py::arg("clip"), py::arg("loss_factor"), py::arg("g"), py::arg("loss"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("score_diff_workspace_bytes", &fd::score_diff_workspace_bytes, release(),
+        "Scratch bytes score_diff_forward needs (0 on the CPU).", py::arg("dtype"), py::arg("B"), py::arg("D"));
+  m.def("score_identity_forward", &fd::score_identity_forward, release(),
+        "K2 forward: per-sample sums [B, 3] (csrc/README.md).",
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
+        py::arg("r"), py::arg("r_bs"), py::arg("r_u"), py::arg("r_u_bs"), py::arg("wr_ptr"), py::arg("wr"),
+        py::arg("f"), py::arg("f_bs"), py::arg("f_u"), py::arg("f_u_bs"), py::arg("wf_ptr"), py::arg("wf"),
+        py::arg("sums"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("score_identity_workspace_bytes", &fd::score_identity_workspace_bytes, release(),
+        "Scratch bytes score_identity_forward needs (0 on the CPU).", py::arg("dtype"), py::arg("B"), py::arg("D"));
+  m.def("score_identity_backward", &fd::score_identity_backward, release(),
+        "K2 backward: up to five gradients from the per-sample (P, Q) (csrc/README.md).",
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
+        py::arg("r"), py::arg("r_bs"), py::arg("r_u"), py::arg("r_u_bs"), py::arg("wr_ptr"), py::arg("wr"),
+        py::arg("f"), py::arg("f_bs"), py::arg("f_u"), py::arg("f_u_bs"), py::arg("wf_ptr"), py::arg("wf"),
+        py::arg("coef"), py::arg("gx"), py::arg("gr"), py::arg("gr_u"), py::arg("gf"), py::arg("gf_u"),
+        py::arg("stream"));
+  m.def("regression_forward", &fd::regression_forward, release(),
+        "K3/K5 forward: per-sample sums [B] (csrc/README.md).",
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("pred"), py::arg("pred_bs"),
+        py::arg("t1"), py::arg("t1_bs"), py::arg("t2"), py::arg("t2_bs"), py::arg("coef"), py::arg("kind"),
+        py::arg("c"), py::arg("sums"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("regression_workspace_bytes", &fd::regression_workspace_bytes, release(),
+        "Scratch bytes regression_forward needs (0 on the CPU).", py::arg("dtype"), py::arg("B"), py::arg("D"));
+  m.def("regression_backward", &fd::regression_backward, release(),
+        "K3/K5 backward: d loss / d pred from the per-sample factor k (csrc/README.md).",
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("pred"), py::arg("pred_bs"),
+        py::arg("t1"), py::arg("t1_bs"), py::arg("t2"), py::arg("t2_bs"), py::arg("coef"), py::arg("kind"),
+        py::arg("c"), py::arg("k"), py::arg("gpred"), py::arg("stream"));
+
   m.def("build_info", &build_info, "How this module was compiled: compiler, OpenMP, ISA extensions.");
   m.def("omp_max_threads", &omp_max_threads, "omp_get_max_threads() (1 without OpenMP).");
 }

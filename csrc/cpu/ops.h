@@ -29,5 +29,44 @@ int64_t dmd_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
 // compute type.
 void grad_scale(int64_t dtype, int64_t n, uintptr_t src, uintptr_t dst, uintptr_t scale, double factor);
 
+
+// ---- the score-loss skeletons (csrc/README.md, "The score-loss skeletons") --------------------
+// Pointers of absent inputs are 0; per-sample arrays are of the compute type C.
+
+// K1 (score_diff.cpp): g [B, D] and the loss; the backward is grad_scale.
+void score_diff_forward(int64_t dtype, int64_t B, int64_t D,
+                        uintptr_t x, int64_t x_bs,
+                        uintptr_t a, int64_t a_bs, uintptr_t a_u, int64_t a_u_bs, uintptr_t wa_ptr, double wa,
+                        uintptr_t b, int64_t b_bs, uintptr_t b_u, int64_t b_u_bs, uintptr_t wb_ptr, double wb,
+                        uintptr_t xt, int64_t xt_bs, uintptr_t coef,
+                        uintptr_t scale, int64_t norm, double eps, double clip, double loss_factor,
+                        uintptr_t g, uintptr_t loss,
+                        uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+int64_t score_diff_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
+
+// K2 (score_identity.cpp): per-sample sums [B, 3]; backward writes up to five gradients.
+void score_identity_forward(int64_t dtype, int64_t B, int64_t D,
+                            uintptr_t x, int64_t x_bs,
+                            uintptr_t r, int64_t r_bs, uintptr_t r_u, int64_t r_u_bs, uintptr_t wr_ptr, double wr,
+                            uintptr_t f, int64_t f_bs, uintptr_t f_u, int64_t f_u_bs, uintptr_t wf_ptr, double wf,
+                            uintptr_t sums, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+int64_t score_identity_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
+void score_identity_backward(int64_t dtype, int64_t B, int64_t D,
+                             uintptr_t x, int64_t x_bs,
+                             uintptr_t r, int64_t r_bs, uintptr_t r_u, int64_t r_u_bs, uintptr_t wr_ptr, double wr,
+                             uintptr_t f, int64_t f_bs, uintptr_t f_u, int64_t f_u_bs, uintptr_t wf_ptr, double wf,
+                             uintptr_t coef, uintptr_t gx, uintptr_t gr, uintptr_t gr_u, uintptr_t gf, uintptr_t gf_u,
+                             uintptr_t stream);
+
+// K3/K5 (regression.cpp): per-sample sums [B]; backward writes d loss / d pred.
+void regression_forward(int64_t dtype, int64_t B, int64_t D,
+                        uintptr_t pred, int64_t pred_bs, uintptr_t t1, int64_t t1_bs, uintptr_t t2, int64_t t2_bs,
+                        uintptr_t coef, int64_t kind, double c,
+                        uintptr_t sums, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+int64_t regression_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
+void regression_backward(int64_t dtype, int64_t B, int64_t D,
+                         uintptr_t pred, int64_t pred_bs, uintptr_t t1, int64_t t1_bs, uintptr_t t2, int64_t t2_bs,
+                         uintptr_t coef, int64_t kind, double c, uintptr_t k, uintptr_t gpred, uintptr_t stream);
+
 }  // namespace cpu
 }  // namespace flashdistill

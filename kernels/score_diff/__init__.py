@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from flashdistill.kernels import backends, checks, grad_scale, native  # noqa: F401 (grad_scale registers its op)
-from flashdistill.kernels.dmd import reference
+from flashdistill.kernels.score_diff import reference
 
 OP = "dmd_loss"
 
@@ -122,7 +122,7 @@ def _cuda(x, *args):
 
 
 def _triton(x, real, fake, real_uncond, guidance, guidance_scale, eps):
-    from flashdistill.kernels.dmd import triton_kernel
+    from flashdistill.kernels.score_diff import triton_kernel
 
     loss, g = triton_kernel.dmd_forward(
         native.rows(x), native.rows(real), native.rows(fake),

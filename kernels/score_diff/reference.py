@@ -64,3 +64,45 @@ def dmd_forward(x, real, fake, real_uncond, guidance, guidance_scale: float, eps
     g = dmd_grad(x, real, fake, real_uncond=real_uncond, guidance=w, eps=eps)
     loss = 0.5 * g.square().mean()
     return loss, g.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The K1 skeleton that every score-difference loss of this package reduces to (csrc/README.md,
+# "K1: score_diff_forward"); each backend implements exactly this on [B, D] rows.
+
+def _per_sample(v, cd, like):
+    """A float, or a [B] tensor reshaped to broadcast over one sample's elements, in dtype cd."""
+    if isinstance(v, torch.Tensor):
+        return v.to(cd).reshape((-1,) + (1,) * (like.dim() - 1))
+    return v
+
+
+def score_diff_forward(x, a, a_u, wa, b, b_u, wb, xt, coef, scale, norm: bool, eps: float,
+                       clip: float, loss_factor: float):
+    """(loss, g): g = clip(nan_to_num(s_b (ā - b̄) C_b / n_b)), loss = loss_factor * 0.5 * sum(g^2).
+
+    ā = cfg(a), b̄ = cfg(b) (Ho convention, scales wa, wb: floats or [B] tensors); with xt, coef
+    [B, 2] holds (A_b, C_b) and a prediction p stands for the x0 estimate A_b xt + C_b p, so the
+    difference is C_b (ā - b̄) and the normaliser's teacher is A_b xt + C_b b̄. n_b = max(mean |x - r|,
+    eps) when norm, else 1. Computed in the compute dtype of a; g returned in a's dtype.
+    """
+    cd = compute_dtype(a.dtype)
+    abar, bbar = guided(a, a_u, wa), guided(b, b_u, wb)
+    d = abar - bbar
+    r = bbar
+    if xt is not None:
+        A = _per_sample(coef[:, 0], cd, d)
+        C = _per_sample(coef[:, 1], cd, d)
+        d = C * d
+        r = A * xt.to(cd) + C * bbar
+    if scale is not None:
+        d = _per_sample(scale, cd, d) * d
+    if norm:
+        dims = tuple(range(1, d.dim()))
+        n = (x.detach().to(cd) - r).abs().mean(dim=dims, keepdim=True).clamp_min(eps)
+        d = d / n
+    g = torch.nan_to_num(d)
+    if clip > 0:
+        g = g.clamp(-clip, clip)
+    loss = loss_factor * 0.5 * g.square().sum()
+    return loss, g.to(a.dtype)

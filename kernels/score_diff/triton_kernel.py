@@ -1,6 +1,6 @@
 """DMD / DMD2 generator loss and gradient in Triton: two deterministic passes, no atomics.
 
-The math (csrc/README.md and ``kernels/dmd/reference.py`` are the spec; this backend computes the same)
+The math (csrc/README.md and ``kernels/score_diff/reference.py`` are the spec; this backend computes the same)
 -----------------------------------------------------------------------------------------------------
 Distribution Matching Distillation (Yin et al. 2023, Eq. 8), as kept by DMD2 (Yin et al. 2024). For
 each sample b of x, real, fake (and real_uncond), viewed as B rows of D elements, in the compute type

@@ -1,0 +1,1 @@
+"""K3/K5 skeleton: consistency and DSM losses (op layer lands in this package)."""
