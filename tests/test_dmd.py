@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import flashdistill
-from flashdistill.kernels import dmd as dmd_mod
+from flashdistill.kernels import score_diff as dmd_mod
 from flashdistill.kernels.score_diff import reference
 from oracle import as_oracle, assert_within_budget, backends_under_test, randn
 
