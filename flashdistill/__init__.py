@@ -2,7 +2,13 @@
 
 Public API (every op takes ``backend=``; see ``flashdistill.kernels.backends``):
 
-    flashdistill.dmd_loss            DMD / DMD2 distribution-matching generator loss
+    score distillation, gradient to the generator output x only
+        dmd_loss, sds_loss, vsd_loss, fdiv_weight (f-distill weights for dmd_loss)
+    score identity, gradient to x and through the teacher and fake predictions
+        sid_loss, sim_loss, sfd_loss
+    regression: consistency distillation and the fake-score (critic) loss
+        consistency_loss, dsm_loss
+    parameterizations: to_x0, convert (eps / x0 / v / flow / trigflow)
 
 Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++/OpenMP), ``triton``, ``cuda`` (C++).
 ``flashdistill.use_backend(name)`` and ``FLASHDISTILL_BACKEND`` set the default; ``auto`` picks the
@@ -11,12 +17,7 @@ fastest available for the tensors' device.
 
 __version__ = "0.1.0"
 
-from flashdistill.kernels import (  # noqa: E402  (ops register with torch.library on this import)
-    BACKENDS,
-    available_backends,
-    backend_status,
-    dmd_loss,
-    use_backend,
-)
+from flashdistill.kernels import *  # noqa: E402,F401,F403  (ops register with torch.library on import)
+from flashdistill.kernels import __all__ as _ops  # noqa: E402
 
-__all__ = ["BACKENDS", "available_backends", "backend_status", "dmd_loss", "use_backend", "__version__"]
+__all__ = list(_ops) + ["__version__"]

@@ -1,14 +1,24 @@
 """The op layer: every op is a ``torch.library.custom_op`` named ``flashdistill::<op>``.
 
-Each op lives in its own package with a fixed layout: ``__init__.py`` (public function, contract,
-validation, backend dispatch and torch.library registration), ``reference.py`` (plain PyTorch, the
-spec, with the paper it comes from), ``triton_kernel.py``; its C++ kernels are in
-``csrc/cpu/<op>.cpp`` and ``csrc/cuda/<op>.cu`` with the per-element math shared in
-``csrc/include/flashdistill/<op>.h``. Importing this package registers every op.
+Each op family lives in its own package with a fixed layout: ``__init__.py`` (public functions,
+contract, validation, backend dispatch and torch.library registration), ``reference.py`` (plain
+PyTorch, the spec, with the paper it comes from), ``triton_kernel.py``; its C++ kernels are in
+``csrc/cpu/<family>.cpp`` and ``csrc/cuda/<family>.cu``. Importing this package registers every op.
+
+Score-distillation families (one kernel skeleton each, csrc/README.md):
+    score_diff       K1, gradient to x only: dmd_loss, sds_loss, vsd_loss (+ fdiv_weight)
+    score_identity   K2, gradient to x and both predictions: sid_loss, sim_loss, sfd_loss
+    regression       K3/K5, gradient to the prediction: consistency_loss, dsm_loss
+    params           prediction parameterizations (to_x0, convert) and guidance conventions
 """
 
 from flashdistill.kernels.backends import BACKENDS, available_backends, backend_status, use_backend
 from flashdistill.kernels import grad_scale  # noqa: F401  (registers flashdistill::grad_scale)
-from flashdistill.kernels.score_diff import dmd_loss
+from flashdistill.kernels.params import convert, to_x0
+from flashdistill.kernels.regression import consistency_loss, dsm_loss
+from flashdistill.kernels.score_diff import dmd_loss, fdiv_weight, sds_loss, vsd_loss
+from flashdistill.kernels.score_identity import sfd_loss, sid_loss, sim_loss
 
-__all__ = ["BACKENDS", "available_backends", "backend_status", "dmd_loss", "use_backend"]
+__all__ = ["BACKENDS", "available_backends", "backend_status", "consistency_loss", "convert", "dmd_loss",
+           "dsm_loss", "fdiv_weight", "sds_loss", "sfd_loss", "sid_loss", "sim_loss", "to_x0", "use_backend",
+           "vsd_loss"]

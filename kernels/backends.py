@@ -57,6 +57,16 @@ def default_backend() -> str:
     return _default_stack[-1]
 
 
+def requested(op: str, backend: str | None, device: torch.device) -> str:
+    """The backend argument a public op passes to its custom op: the default when None, checked here
+    so that an unknown or unusable backend is reported under the user's op name (the custom op
+    resolves "auto" itself, inside the graph)."""
+    backend = default_backend() if backend is None else backend
+    if backend != "auto":
+        resolve(op, backend, device)
+    return backend
+
+
 _status_cache: dict[tuple[str, str], tuple[bool, str]] = {}
 
 

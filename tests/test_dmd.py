@@ -185,8 +185,10 @@ def test_opcheck(backend):
         x, real, fake, uncond, w = make_inputs(shape, dtype, cfg=cfg, seed=9, layout=layout)
         w_t = w if isinstance(w, torch.Tensor) else None
         w_s = w if isinstance(w, float) else 1.0
-        torch.library.opcheck(torch.ops.flashdistill.dmd_loss.default,
-                              (x.requires_grad_(True), real, fake, uncond, w_t, w_s, 0.0, backend))
+        # dmd_loss is score_diff with a = fake, b = real (+ uncond), the DMD normaliser, kappa = 1/N
+        torch.library.opcheck(torch.ops.flashdistill.score_diff.default,
+                              (x.requires_grad_(True), fake, None, None, 1.0, real, uncond, w_t, w_s, None, None,
+                               None, True, 0.0, 0.0, 1.0 / x.numel(), backend))
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"] + (["triton"] if "triton" in CPU_BACKENDS else []))

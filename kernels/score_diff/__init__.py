@@ -1,27 +1,32 @@
-"""dmd_loss: the DMD / DMD2 distribution-matching generator loss as one fused op.
+"""Score-difference losses (the K1 skeleton): gradient to the generator output x only.
 
-Contract (math and citations in ``reference.py``, which is the spec):
+Public ops, all 0-d losses in the compute dtype (float32; float64 for float64 inputs) whose gradient
+reaches x alone (every prediction is treated as a constant, as the methods do under no_grad):
 
-    dmd_loss(x, real, fake, *, real_uncond=None, guidance=None, eps=0.0, backend=None) -> loss
+    dmd_loss(x, real, fake, ...)   DMD / DMD2 (Yin et al. 2024a, 2024b), f-distill (weight=fdiv_weight(...))
+    sds_loss(x, pred, noise, ...)  DreamFusion SDS (Poole et al. 2023)
+    vsd_loss(x, real, fake, ...)   ProlificDreamer VSD (Wang et al. 2023), SwiftBrush (guidance on both)
 
-x is the generator output (rank >= 2, batch first: images [B, C, H, W], video latents
-[B, C, T, H, W], ...); real and fake are the teacher's and the fake score network's x0 predictions at
-the noised x; all three (and real_uncond) share one shape, dtype (float32, float16, bfloat16 or
-float64) and device. With real_uncond, guidance (a float, or a per-sample [B] tensor of the compute
-dtype: float32, or float64 for float64 inputs) applies classifier-free guidance to the teacher,
-fused in the kernel. Returns a 0-d loss in the compute dtype; autograd reaches x only.
+The math and citations are in ``reference.py`` (the spec). Each loss is the surrogate
+0.5 kappa sum (x - sg(x - g))^2 whose gradient is kappa g: its value is not a divergence, do not
+monitor it as one. kappa = 1/N (N = x.numel(), "mean", as DMD2 and SwiftBrush) or 1/B ("batch", as
+threestudio). All three run one kernel (csrc/README.md, "K1"), which computes, per sample b,
 
-A float ``guidance`` is baked into a compiled graph (torch.compile recompiles for a new value); pass
-a [B] tensor when it changes from step to step or differs per sample.
+    g = clip(nan_to_num(s_b (cfg(a) - cfg(b)) / n_b)),   n_b = max(mean |x - r|, eps) (DMD) or 1
+
+with classifier-free guidance fused (``cfg="ho"``: u + w (c - u), the default; ``cfg="offset"``:
+c + w (c - u)), per-sample weights s_b, and for DMD the conversion of eps / v / flow predictions to
+x0 at x_t (``space=``, ``x_t=``, ``alpha=``, ``sigma=``) fused too. Guidance scales and weights are
+floats or per-sample [B] tensors of the compute dtype (a float is baked into a compiled graph; pass a
+tensor when it changes between steps).
 
 Layout: rows of the inputs (one sample each) must be contiguous inside; any batch stride is free
 (``t[::2]``, ``t[:, :4]`` of a contiguous tensor); other layouts are copied once before the kernel.
 
-Traffic of the fused backends per element (b = bytes per element of the dtype): forward reads x, real,
-fake (+ real_uncond) and writes g; the per-sample normaliser must be final before any g exists, so the
-forward reads real (+ real_uncond) twice, from cache while a sample fits in it. Backward reads g and
-writes dloss/dx. Minimum: (3 + 1) b forward + 2 b backward without guidance; the eager reference makes
-about a dozen full-size passes, several in float32.
+Traffic of the fused forward per element (s = bytes of the dtype, k = number of prediction tensors,
+2 to 4, +1 with x_t): DMD reads x and the teacher twice (the second time from cache while a sample
+fits), the rest once, and writes g: (k + 1 + 1) s; SDS / VSD read k tensors and write g: (k + 1) s.
+The backward reads g and writes dloss/dx: 2 s.
 """
 
 from __future__ import annotations
@@ -32,83 +37,175 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, grad_scale, native  # noqa: F401 (grad_scale registers its op)
+from flashdistill.kernels import backends, checks, grad_scale, native, params  # noqa: F401 (grad_scale registers its op)
 from flashdistill.kernels.score_diff import reference
+from flashdistill.kernels.score_diff.reference import fdiv_weight
 
-OP = "dmd_loss"
+OP = "score_diff"
+REDUCTIONS = ("mean", "batch")
 
-__all__ = ["dmd_loss"]
+__all__ = ["dmd_loss", "fdiv_weight", "sds_loss", "vsd_loss"]
 
+
+# ----------------------------------------------------------------------------------------------------
+# public ops
 
 def dmd_loss(x: Tensor, real: Tensor, fake: Tensor, *, real_uncond: Optional[Tensor] = None,
-             guidance=None, eps: float = 0.0, backend: Optional[str] = None) -> Tensor:
-    """DMD/DMD2 generator loss (see the module docstring); differentiable with respect to x."""
-    if backend is None:
-        backend = backends.default_backend()
-    if backend != "auto" and backend not in backends.BACKENDS:
-        raise ValueError(f"{OP}: backend={backend!r} is not a backend; choose one of auto, "
-                         f"{', '.join(backends.BACKENDS)}")
-    guidance_tensor, guidance_scale = None, 1.0
-    if real_uncond is not None and guidance is None:
-        raise ValueError(f"{OP}: real_uncond is given but guidance is None; pass the guidance scale "
-                         f"(a float or a per-sample tensor)")
-    if guidance is not None:
-        if real_uncond is None:
-            raise ValueError(f"{OP}: guidance is given but real_uncond is None; classifier-free "
-                             f"guidance needs the unconditional teacher prediction")
-        if isinstance(guidance, Tensor):
-            guidance_tensor = guidance
-        elif isinstance(guidance, (int, float)) and not isinstance(guidance, bool):
-            guidance_scale = float(guidance)
-        else:
-            raise TypeError(f"{OP}: guidance must be a float or a per-sample tensor, got {type(guidance).__name__}")
-    # validated here too so that a non-tensor argument gets our message, not the dispatcher's
-    _validate(x, real, fake, real_uncond, guidance_tensor, guidance_scale, float(eps))
-    loss, _ = torch.ops.flashdistill.dmd_loss(x, real, fake, real_uncond, guidance_tensor,
-                                              guidance_scale, float(eps), backend)
+             guidance=None, cfg: str = "ho", weight=None, eps: float = 0.0, space: str = "x0",
+             x_t: Optional[Tensor] = None, alpha=None, sigma=None, sigma_data: float = 0.5,
+             clip: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+    """DMD / DMD2 generator loss; differentiable with respect to x only.
+
+    real, fake: the teacher's and the fake score's predictions at x_t, in ``space`` ("x0" by default;
+    "eps", "v", "flow" or "trigflow" need x_t, alpha and sigma, and are converted to x0 in the kernel).
+    real_uncond + guidance: classifier-free guidance on the teacher. weight: per-sample h_b
+    (f-distill: ``fdiv_weight(logits)``). eps: floor of the per-sample normaliser (DMD2: 0).
+    """
+    op = "dmd_loss"
+    _check_x(op, x)
+    wb_t, wb = params.guidance_arg(op, "guidance", guidance, real_uncond, "real_uncond", cfg, x)
+    coef = None
+    if space != "x0":
+        if x_t is None:
+            raise ValueError(f"{op}: space={space!r} needs x_t (and alpha, sigma) to convert the predictions to x0")
+        checks.like(op, "x_t", x_t, "x", x)
+        A, C = params.x0_coefficients(op, space, alpha, sigma, x.shape[0], x.device, sigma_data=sigma_data)
+        coef = torch.stack([A, C], dim=1).to(checks.compute_dtype(x.dtype))
+    elif x_t is not None:
+        raise ValueError(f"{op}: x_t is only used with space='eps', 'v', 'flow' or 'trigflow' (got space='x0')")
+    scale = params.per_sample_arg(op, "weight", weight, x)
+    return _call(op, x, fake, None, None, 1.0, real, real_uncond, wb_t, wb, x_t if coef is not None else None,
+                 coef, scale, True, eps, clip, 1.0 / x.numel(), backend)
+
+
+def sds_loss(x: Tensor, pred: Tensor, noise: Tensor, *, pred_uncond: Optional[Tensor] = None, guidance=None,
+             cfg: str = "ho", weight=None, clip: Optional[float] = None, reduction: str = "mean",
+             backend: Optional[str] = None) -> Tensor:
+    """DreamFusion SDS: gradient kappa nan_to_num(w_b (cfg(pred) - noise)) to x.
+
+    pred (+ pred_uncond, guidance): the teacher's noise prediction at x_t = alpha x + sigma noise;
+    noise: the exact eps used to make x_t; weight: w(t) per sample (e.g. sigma_t^2).
+    reduction: "mean" (kappa = 1/N) or "batch" (kappa = 1/B, threestudio).
+    """
+    op = "sds_loss"
+    _check_x(op, x)
+    wa_t, wa = params.guidance_arg(op, "guidance", guidance, pred_uncond, "pred_uncond", cfg, x)
+    scale = params.per_sample_arg(op, "weight", weight, x)
+    return _call(op, x, pred, pred_uncond, wa_t, wa, noise, None, None, 1.0, None, None, scale, False, 0.0,
+                 clip, _kappa(op, reduction, x), backend)
+
+
+def vsd_loss(x: Tensor, real: Tensor, fake: Tensor, *, real_uncond: Optional[Tensor] = None, guidance=None,
+             fake_uncond: Optional[Tensor] = None, fake_guidance=None, cfg: str = "ho", weight=None,
+             space: str = "eps", clip: Optional[float] = None, reduction: str = "mean",
+             backend: Optional[str] = None) -> Tensor:
+    """ProlificDreamer VSD / SwiftBrush: gradient kappa nan_to_num(w_b (real - fake)) to x (eps, v, flow
+    predictions; fake - real for space="x0"), guidance on the teacher and optionally on the fake."""
+    op = "vsd_loss"
+    _check_x(op, x)
+    if space not in params.SPACES:
+        raise ValueError(f"{op}: space={space!r} is not one of {', '.join(params.SPACES)}")
+    wr_t, wr = params.guidance_arg(op, "guidance", guidance, real_uncond, "real_uncond", cfg, x)
+    wf_t, wf = params.guidance_arg(op, "fake_guidance", fake_guidance, fake_uncond, "fake_uncond", cfg, x)
+    scale = params.per_sample_arg(op, "weight", weight, x)
+    first, second = ((fake, fake_uncond, wf_t, wf), (real, real_uncond, wr_t, wr))
+    if space != "x0":
+        first, second = second, first
+    return _call(op, x, *first, *second, None, None, scale, False, 0.0, clip, _kappa(op, reduction, x), backend)
+
+
+def _check_x(op, x):
+    checks.tensor(op, "x", x, min_dim=2)
+
+
+def _kappa(op, reduction, x):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction={reduction!r} is not one of {', '.join(REDUCTIONS)}")
+    return 1.0 / x.numel() if reduction == "mean" else 1.0 / x.shape[0]
+
+
+def _call(op, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor, backend):
+    backend = backends.requested(op, backend, x.device)
+    if clip is not None and not clip > 0.0:
+        raise ValueError(f"{op}: clip must be a finite number > 0 or None, got {clip}")
+    clip = 0.0 if clip is None else float(clip)
+    names = _NAMES[op]
+    _validate(op, names, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, float(eps), clip)
+    loss, _ = torch.ops.flashdistill.score_diff(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale,
+                                                norm, float(eps), clip, loss_factor, backend)
     return loss
+
+
+# argument names as the user wrote them, for error messages: (a, a_u, b, b_u)
+_NAMES = {
+    "dmd_loss": ("fake", None, "real", "real_uncond"),
+    "sds_loss": ("pred", "pred_uncond", "noise", None),
+    "vsd_loss": ("real", "real_uncond", "fake", "fake_uncond"),
+    OP: ("a", "a_u", "b", "b_u"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
 # validation (shared by the real and the fake implementation)
 
-def _validate(x, real, fake, real_uncond, guidance, guidance_scale, eps):
-    checks.tensor(OP, "x", x, min_dim=2)
-    checks.like(OP, "real", real, "x", x)
-    checks.like(OP, "fake", fake, "x", x)
-    if real_uncond is not None:
-        checks.like(OP, "real_uncond", real_uncond, "x", x)
-    if guidance is not None:
-        if real_uncond is None:
-            raise ValueError(f"{OP}: a guidance tensor needs real_uncond")
-        checks.per_sample(OP, "guidance", guidance, x.shape[0], checks.compute_dtype(x.dtype), x.device)
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"{OP}: guidance must be finite, got {guidance_scale}")
+def _validate(op, names, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, eps, clip):
+    checks.tensor(op, "x", x, min_dim=2)
+    for name, t in zip(names, (a, a_u, b, b_u)):
+        if t is not None:
+            checks.like(op, name or "a_u", t, "x", x)
+    if x_t is not None:
+        checks.like(op, "x_t", x_t, "x", x)
+    cd, B = checks.compute_dtype(x.dtype), x.shape[0]
+    for name, t in (("guidance", wa_t), ("guidance", wb_t), ("weight", scale)):
+        if t is not None:
+            checks.per_sample(op, name, t, B, cd, x.device)
+    if coef is not None and (coef.shape != (B, 2) or coef.dtype != cd or coef.device != x.device):
+        raise ValueError(f"{op}: coef must be ({B}, 2) {cd} on {x.device}, got {tuple(coef.shape)} {coef.dtype}")
+    if (coef is None) != (x_t is None):
+        raise ValueError(f"{op}: x_t and coef go together")
+    for name, w in (("guidance", wa), ("guidance", wb)):
+        if not math.isfinite(w):
+            raise ValueError(f"{op}: {name} must be finite, got {w}")
     if not (math.isfinite(eps) and eps >= 0.0):
-        raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps}")
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps}")
+    if not (math.isfinite(clip) and clip >= 0.0):
+        raise ValueError(f"{op}: clip must be a finite number > 0 or None, got {clip}")
 
 
 # ----------------------------------------------------------------------------------------------------
 # backends: each returns (loss in the compute dtype, g shaped like x in x.dtype)
 
-def _native_forward(mod, x, real, fake, real_uncond, guidance, guidance_scale, eps):
-    x2, real2, fake2 = native.rows(x), native.rows(real), native.rows(fake)
-    uncond2 = native.rows(real_uncond) if real_uncond is not None else None
-    guidance = guidance.contiguous() if guidance is not None else None
-    B, D = x2.shape
+def _reference(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor):
+    return reference.score_diff_forward(x, a, a_u, wa if wa_t is None else wa_t, b, b_u,
+                                        wb if wb_t is None else wb_t, x_t, coef, scale, norm, eps, clip,
+                                        loss_factor)
+
+
+def _ptr(t):
+    """(pointer, batch stride) of a [B, D] row view, (0, 0) when absent."""
+    return (t.data_ptr(), t.stride(0)) if t is not None else (0, 0)
+
+
+def _p(t):
+    return t.data_ptr() if t is not None else 0
+
+
+def _native_forward(mod, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor):
+    r = {k: native.rows(t) if t is not None else None
+         for k, t in (("x", x if norm else None), ("a", a), ("a_u", a_u), ("b", b), ("b_u", b_u), ("xt", x_t))}
+    B, D = r["a"].shape
     code = native.DTYPE_CODES[x.dtype]
     g = native.empty((B, D), x.dtype, x.device)
     loss = native.empty((), checks.compute_dtype(x.dtype), x.device)
-    ws_bytes = mod.dmd_workspace_bytes(code, B, D)
+    ws_bytes = mod.score_diff_workspace_bytes(code, B, D)
     ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
-    mod.dmd_forward(
-        code, B, D,
-        x2.data_ptr(), x2.stride(0), real2.data_ptr(), real2.stride(0), fake2.data_ptr(), fake2.stride(0),
-        uncond2.data_ptr() if uncond2 is not None else 0, uncond2.stride(0) if uncond2 is not None else 0,
-        guidance.data_ptr() if guidance is not None else 0, guidance_scale, eps,
-        g.data_ptr(), loss.data_ptr(),
-        ws.data_ptr() if ws is not None else 0, ws_bytes,
-        native.stream_of(x))
+    small = {k: t.contiguous() if t is not None else None
+             for k, t in (("wa", wa_t), ("wb", wb_t), ("coef", coef), ("scale", scale))}
+    mod.score_diff_forward(
+        code, B, D, *_ptr(r["x"]), *_ptr(r["a"]), *_ptr(r["a_u"]), _p(small["wa"]), wa,
+        *_ptr(r["b"]), *_ptr(r["b_u"]), _p(small["wb"]), wb, *_ptr(r["xt"]), _p(small["coef"]), _p(small["scale"]),
+        int(norm), eps, clip, loss_factor, g.data_ptr(), loss.data_ptr(),
+        ws.data_ptr() if ws is not None else 0, ws_bytes, native.stream_of(x))
     return loss, g.view(x.shape)
 
 
@@ -121,50 +218,55 @@ def _cuda(x, *args):
         return _native_forward(native.cuda_module()[0], x, *args)
 
 
-def _triton(x, real, fake, real_uncond, guidance, guidance_scale, eps):
+def _triton(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor):
     from flashdistill.kernels.score_diff import triton_kernel
 
-    loss, g = triton_kernel.dmd_forward(
-        native.rows(x), native.rows(real), native.rows(fake),
-        native.rows(real_uncond) if real_uncond is not None else None,
-        guidance.contiguous() if guidance is not None else None, guidance_scale, eps)
+    def rw(t):
+        return native.rows(t) if t is not None else None
+
+    def c(t):
+        return t.contiguous() if t is not None else None
+
+    loss, g = triton_kernel.forward(rw(x) if norm else None, rw(a), rw(a_u), c(wa_t), wa, rw(b), rw(b_u), c(wb_t),
+                                    wb, rw(x_t), c(coef), c(scale), norm, eps, clip, loss_factor)
     return loss, g.view(x.shape)
 
 
-_IMPLS = {"reference": reference.dmd_forward, "cpu": _cpu, "triton": _triton, "cuda": _cuda}
+_IMPLS = {"reference": _reference, "cpu": _cpu, "triton": _triton, "cuda": _cuda}
 
 
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration
 
-@torch.library.custom_op("flashdistill::dmd_loss", mutates_args=())
-def _dmd_loss_op(x: Tensor, real: Tensor, fake: Tensor, real_uncond: Optional[Tensor],
-                 guidance: Optional[Tensor], guidance_scale: float, eps: float,
-                 backend: str) -> tuple[Tensor, Tensor]:
-    _validate(x, real, fake, real_uncond, guidance, guidance_scale, eps)
+@torch.library.custom_op("flashdistill::score_diff", mutates_args=())
+def _score_diff_op(x: Tensor, a: Tensor, a_u: Optional[Tensor], wa_t: Optional[Tensor], wa: float, b: Tensor,
+                   b_u: Optional[Tensor], wb_t: Optional[Tensor], wb: float, x_t: Optional[Tensor],
+                   coef: Optional[Tensor], scale: Optional[Tensor], norm: bool, eps: float, clip: float,
+                   loss_factor: float, backend: str) -> tuple[Tensor, Tensor]:
+    _validate(OP, _NAMES[OP], x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, eps, clip)
     name = backends.resolve(OP, backend, x.device)
-    return _IMPLS[name](x, real, fake, real_uncond, guidance, guidance_scale, eps)
+    return _IMPLS[name](x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor)
 
 
-@_dmd_loss_op.register_fake
-def _(x, real, fake, real_uncond, guidance, guidance_scale, eps, backend):
-    _validate(x, real, fake, real_uncond, guidance, guidance_scale, eps)
+@_score_diff_op.register_fake
+def _(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor, backend):
+    _validate(OP, _NAMES[OP], x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, eps, clip)
     loss = x.new_empty((), dtype=checks.compute_dtype(x.dtype))
     return loss, torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
-    ctx.numel = inputs[0].numel()
+    ctx.loss_factor = inputs[15]
     ctx.backend = inputs[-1]
 
 
 def _backward(ctx, grad_loss, grad_g):
     (g,) = ctx.saved_tensors
-    # dloss/dx = g * grad_loss / N: one read of g, one write, the factor kept in the compute dtype
-    # and read on the device (no host sync).
-    grad_x = torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0 / ctx.numel, ctx.backend)
-    return grad_x, None, None, None, None, None, None, None
+    # dloss/dx = g * grad_loss * loss_factor: one read of g, one write, the factor kept in the compute
+    # dtype and read on the device (no host sync).
+    grad_x = torch.ops.flashdistill.grad_scale(g, grad_loss, ctx.loss_factor, ctx.backend)
+    return (grad_x,) + (None,) * 16
 
 
-_dmd_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_score_diff_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,67 +1,70 @@
-"""DMD / DMD2 generator loss and gradient in Triton: two deterministic passes, no atomics.
+"""K1 score-difference loss and gradient in Triton: deterministic passes, no atomics.
 
-The math (csrc/README.md and ``kernels/score_diff/reference.py`` are the spec; this backend computes the same)
+The math (csrc/README.md "K1" and ``reference.score_diff_forward`` are the spec; this backend computes the same)
 -----------------------------------------------------------------------------------------------------
-Distribution Matching Distillation (Yin et al. 2023, Eq. 8), as kept by DMD2 (Yin et al. 2024). For
-each sample b of x, real, fake (and real_uncond), viewed as B rows of D elements, in the compute type
-(float32 for float32/float16/bfloat16 inputs, float64 for float64 inputs):
+One skeleton serves SDS, VSD, SwiftBrush, DMD/DMD2 and f-distill. For each sample b of [B, D] rows, in
+the compute type C (float32 for float32/float16/bfloat16 inputs, float64 for float64 inputs):
 
-    r    = real_uncond + w_b (real - real_uncond)   when guided (classifier-free guidance, Ho & Salimans
-                                                    2022); w_b = guidance[b] or guidance_scale
-    r    = real                                     otherwise
-    n_b  = max(mean_i |x - r|, eps)                 NaN passes through (a NaN mean stays NaN)
-    g    = nan_to_num((fake - r) / n_b)             as torch.nan_to_num in the compute type:
-                                                    NaN -> 0, +-inf -> +-FLT_MAX (DBL_MAX for fp64)
-    loss = 0.5 * sum(g^2) / N,  N = B * D           g^2 of the unrounded g
+    ā    = a_u + wa_b (a - a_u)   with a_u (classifier-free guidance, Ho & Salimans 2022), else a
+    b̄    = b_u + wb_b (b - b_u)   likewise; w_b = w_t[b] when the [B] tensor is given, else the float
+    d    = ā - b̄                  without xt;  C_b (ā - b̄) with xt (coef [B, 2] = (A_b, C_b): a
+                                  prediction p stands for A_b xt + C_b p, and the A_b xt terms cancel)
+    r    = b̄                      without xt;  A_b xt + C_b b̄ with xt
+    n_b  = max(mean_i |x - r|, eps) when norm (NaN passes through), else 1
+    g    = nan_to_num(s_b d / n_b) (s_b = scale[b], 1 without scale): NaN -> 0, +-inf -> +-max finite of C
+    g    = min(max(g, -clip), clip) when clip > 0
+    loss = loss_factor * 0.5 * sum_{b,i} g^2   (the unrounded g)
 
-g is stored rounded to x's dtype (so +-FLT_MAX becomes +-inf in float16/bfloat16, as the C++ backends
-do); the loss comes back as a 0-d tensor of the compute type.
+g is stored rounded to a's dtype (so +-FLT_MAX becomes +-inf in float16/bfloat16, as the C++ backends
+do); the loss comes back as a 0-d tensor of C. DMD: a = fake, b = real (+ real_uncond), norm, loss_factor
+= 1 / (B D). The backward is grad_scale(g, grad_loss, loss_factor); nothing here is differentiated.
 
-Why two passes
---------------
+Why two passes with norm, one without
+-------------------------------------
 n_b is a reduction over the whole row and every g of the row divides by it, so n_b must be final
 before the first g is written. A single pass would have to either keep the row on chip (impossible for
-large D) or write the unscaled fake - r into g and rescale it afterwards: that is still a second pass
-(a read+write of g instead of a read of real/fake), and it rounds twice, to x's dtype and again after
-the division, so g and the nan_to_num of (fake - r) / n_b (inf only from the final quotient) would no
-longer be the spec's. So:
+large D) or write the unscaled d into g and rescale it afterwards: that is still a second pass (a
+read+write of g instead of a read of the predictions), and it rounds twice, so g would no longer be the
+spec's nan_to_num of one quotient. So, with norm:
 
-    kernel 1  _dmd_norm_partials  grid (n_chunks, B): partial sums of |x - r| over one chunk of row b
-                                  -> ws1[b, chunk]
-    kernel 2  _dmd_grad           grid (n_chunks, B): n_b = max(sum(ws1[b, :]) / D, eps) (every program
-                                  of row b reduces the same partials in the same order, so all agree
-                                  bit for bit), then g for its chunk -> g, and sum(g^2) -> ws2[b, chunk]
-    torch                         loss = ws2.sum() * (0.5 / N)
+    kernel 1  _k1_norm_partials  grid (n_chunks, B): partial sums of |x - r| over one chunk of row b
+                                 -> ws1[b, chunk]
+    kernel 2  _k1_grad           grid (n_chunks, B): n_b = max(sum(ws1[b, :]) / D, eps) (every program
+                                 of row b reduces the same partials in the same order, so all agree bit
+                                 for bit), then g for its chunk -> g, and sum(g^2) -> ws2[b, chunk]
+    torch                        loss = ws2.sum() * (loss_factor * 0.5)
 
-Both reductions run in a fixed order for a given (B, D, dtype), so results are deterministic run to
-run (they may differ in the last bits from the C++ backends, which sum in another order).
+Without norm, kernel 2 alone (NORM=False: n_b = 1, the division skipped, x never read). Both
+reductions run in a fixed order for a given (B, D, dtype), so results are deterministic run to run
+(they may differ in the last bits from the C++ backends, which sum in another order).
 
-Memory traffic (s = bytes per element of the input dtype; U = 1 with real_uncond, else 0)
------------------------------------------------------------------------------------------
-    kernel 1 reads x, real, (uncond):            (2 + U) s bytes/element
-    kernel 2 reads real, (uncond), fake, writes g: (3 + U) s bytes/element
-    total (5 + 2U) s: fp32 guided 28 B/elem, fp32 unguided 20 B/elem, bf16 guided 14 B/elem.
+Memory traffic (s = bytes per element of the input dtype; Ua, Ub = 1 with a_u, b_u; X = 1 with xt)
+-----------------------------------------------------------------------------------------------
+    kernel 1 reads x, b, (b_u), (xt):                (2 + Ub + X) s bytes/element    (norm only)
+    kernel 2 reads a, (a_u), b, (b_u), writes g:      (3 + Ua + Ub) s bytes/element
+    norm:     (5 + Ua + 2 Ub + X) s; DMD guided fp32 28 B/elem, unguided fp32 20, guided bf16 14.
+    no norm:  (3 + Ua + Ub) s;       SDS/VSD guided fp32 16 B/elem (the minimum: read 3, write 1).
     The workspaces (2 * B * n_chunks values) and the n_chunks partials each kernel-2 program re-reads
     (from L2) are kept small relative to this by the launch heuristic (CHUNK >= 8 * n_chunks).
-Flops per element, roughly: r 3 (guided, in each kernel), kernel 1 |x - r| + add 3, kernel 2
-sub + div + 3 compare/selects for nan_to_num + square-add 2: ~10-16 per element, i.e. ~0.5 flop/byte
-in fp32 and ~1 in bf16, far below the ~20 flop/byte at which an H100's fp32 (non-tensor-core) math
-would become the limit: both kernels are memory bound. Kernel 2 recomputes r from
-real and uncond (2s bytes/element when guided) rather than having kernel 1 store r for it (a write and
-a read, also 2s): the same traffic, without a [B, D] scratch buffer.
+Flops per element, roughly: each cfg 3; kernel 1 (xt: 3) |x - r| + add 3; kernel 2 sub 1, C 1, s 1,
+div 1 (norm), nan_to_num 3 compare/selects, clip 2, square-add 2: 6-20 per element, i.e. at most ~1
+flop/byte in fp32 and ~2 in bf16, far below the ~20 flop/byte at which an H100's fp32 (non-tensor-core)
+math would become the limit: both kernels are memory bound. Kernel 2 recomputes b̄ from b and b_u
+(2s bytes/element when guided) rather than having kernel 1 store it (a write and a read, also 2s): the
+same traffic, without a [B, D] scratch buffer.
 
 Numerics
 --------
-Loads are upcast to the compute type before any arithmetic; accumulators are in the compute type.
-Divisions use IEEE round-to-nearest (``tl.math.div_rn`` for fp32: a plain ``/`` lowers to the
-approximate ``div.full.f32`` on NVIDIA; fp64 ``/`` is already ``div.rn.f64``). eps and guidance_scale
-are passed as float64 kernel arguments and rounded once to the compute type inside the kernels.
-g is rounded to x's dtype to nearest even (bfloat16 by hand, see ``triton_utils.round_to``). On a GPU the compiler
-may contract uncond + w (real - uncond) into one FMA (Triton's default, as nvcc's), so r can differ
-from an unfused evaluation in its last bit.
-Offsets are int64 (b * batch_stride can exceed 2^31).
+Loads are upcast to C before any arithmetic; accumulators are in C. The operation order is the
+reference's: d = ā - b̄, then C_b d, then s_b (C_b d), then / n_b. Divisions use IEEE round-to-nearest
+(``triton_utils.div_rn``: a plain fp32 ``/`` lowers to the approximate ``div.full.f32`` on NVIDIA).
+Float arguments (wa, wb, eps, clip) are passed as float64 and rounded once to C inside the kernels, as
+torch rounds a Python scalar to the tensor's dtype. g is rounded to a's dtype to nearest even
+(bfloat16 by hand, ``triton_utils.round_to``). On a GPU the compiler may contract
+u + w (p - u) or A xt + C b̄ into one FMA (Triton's default, as nvcc's), so ā, b̄, r can differ from an
+unfused evaluation in their last bit. Offsets are int64 (b * batch_stride can exceed 2^31).
 
-No host synchronization: shapes alone decide the launch configuration, so ``dmd_forward`` can be
+No host synchronization: shapes and flags alone decide the launch configuration, so ``forward`` can be
 captured in a CUDA graph (after a warm-up call has compiled the kernels).
 """
 
@@ -76,62 +79,65 @@ import triton.language as tl
 
 from flashdistill.kernels import native, triton_utils
 
-__all__ = ["dmd_forward"]
+__all__ = ["forward"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Device helpers (inlined into both kernels, so that both compute r identically)
+# Device helpers (inlined into both kernels, so that both compute b̄ and r identically)
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _guidance_weight(guidance_ptr, guidance_stride, guidance_scale, b,
-                     PER_SAMPLE_GUIDANCE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """w_b in the compute type: guidance[b] if per-sample, else the scalar guidance_scale."""
-    if PER_SAMPLE_GUIDANCE:
-        w = tl.load(guidance_ptr + b * guidance_stride).to(COMPUTE_DTYPE)
+def _weight(w_ptr, w_scalar, b, PER_SAMPLE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """w_b in the compute type: w_ptr[b] when per-sample, else the scalar argument."""
+    if PER_SAMPLE:
+        w = tl.load(w_ptr + b).to(COMPUTE_DTYPE)
     else:
-        w = tl.full([], guidance_scale, COMPUTE_DTYPE)
+        w = tl.full([], w_scalar, COMPUTE_DTYPE)
     return w
 
 
 @triton.jit
-def _target(real_row, uncond_row, offs, mask, w,
-            HAS_UNCOND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """r = uncond + w (real - uncond) when guided, else real; in the compute type."""
-    real = tl.load(real_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+def _cfg(p_row, pu_row, offs, mask, w, HAS_UNCOND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """cfg(p) = p_u + w (p - p_u) when guided, else p; in the compute type."""
+    p = tl.load(p_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     if HAS_UNCOND:
-        uncond = tl.load(uncond_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        r = uncond + w * (real - uncond)
-    else:
-        r = real
-    return r
+        pu = tl.load(pu_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        p = pu + w * (p - pu)
+    return p
 
 
 @triton.jit
-def _dmd_norm_partials(
-    # data (each pointer followed by its batch stride, in elements; rows are unit-stride)
+def _k1_norm_partials(
+    # data (each [B, D] pointer followed by its batch stride, in elements; rows are unit-stride)
     x_ptr, x_bstride,
-    real_ptr, real_bstride,
-    uncond_ptr, uncond_bstride,             # unused unless HAS_UNCOND
-    guidance_ptr, guidance_stride,          # unused unless PER_SAMPLE_GUIDANCE
-    ws1_ptr, ws1_bstride,                   # out: [B, n_chunks] partial sums of |x - r|
+    b_ptr, b_bstride,
+    bu_ptr, bu_bstride,                     # unused unless HAS_BU
+    wb_ptr,                                 # [B], unused unless PER_SAMPLE_WB
+    xt_ptr, xt_bstride,                     # unused unless HAS_XT
+    coef_ptr,                               # [B, 2] (A_b, C_b), unused unless HAS_XT
+    ws1_ptr,                                # out: [B, n_chunks] partial sums of |x - r|
     # scalars
-    guidance_scale: tl.float64,             # w when not PER_SAMPLE_GUIDANCE
+    wb: tl.float64,                         # w of b when not PER_SAMPLE_WB
     # shapes
-    D, chunk_size,                          # row length; elements per program (multiple of BLOCK)
+    D, chunk_size, n_chunks,                # row length; elements per program (multiple of BLOCK)
     # compile-time
-    HAS_UNCOND: tl.constexpr,
-    PER_SAMPLE_GUIDANCE: tl.constexpr,
+    HAS_BU: tl.constexpr,
+    PER_SAMPLE_WB: tl.constexpr,
+    HAS_XT: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
 
-    w = _guidance_weight(guidance_ptr, guidance_stride, guidance_scale, b, PER_SAMPLE_GUIDANCE, COMPUTE_DTYPE)
+    wbv = _weight(wb_ptr, wb, b, PER_SAMPLE_WB, COMPUTE_DTYPE)
+    if HAS_XT:
+        A = tl.load(coef_ptr + 2 * b).to(COMPUTE_DTYPE)
+        C = tl.load(coef_ptr + 2 * b + 1).to(COMPUTE_DTYPE)
     x_row = x_ptr + b * x_bstride
-    real_row = real_ptr + b * real_bstride
-    uncond_row = uncond_ptr + b * uncond_bstride
+    b_row = b_ptr + b * b_bstride
+    bu_row = bu_ptr + b * bu_bstride
+    xt_row = xt_ptr + b * xt_bstride
 
     start = chunk * chunk_size
     cols = tl.arange(0, BLOCK)
@@ -140,63 +146,98 @@ def _dmd_norm_partials(
         offs = start + t + cols
         mask = offs < D
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        r = _target(real_row, uncond_row, offs, mask, w, HAS_UNCOND, COMPUTE_DTYPE)
+        r = _cfg(b_row, bu_row, offs, mask, wbv, HAS_BU, COMPUTE_DTYPE)
+        if HAS_XT:
+            xt = tl.load(xt_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+            r = A * xt + C * r
         acc += tl.where(mask, tl.abs(x - r), 0.0)
-    tl.store(ws1_ptr + b * ws1_bstride + chunk, tl.sum(acc, axis=0))
+    tl.store(ws1_ptr + b * n_chunks + chunk, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _dmd_grad(
-    # data (each pointer followed by its batch stride, in elements; rows are unit-stride)
-    real_ptr, real_bstride,
-    uncond_ptr, uncond_bstride,             # unused unless HAS_UNCOND
-    fake_ptr, fake_bstride,
-    guidance_ptr, guidance_stride,          # unused unless PER_SAMPLE_GUIDANCE
-    ws1_ptr, ws1_bstride,                   # in: [B, n_chunks] from _dmd_norm_partials
-    g_ptr, g_bstride,                       # out: g in x's dtype
-    ws2_ptr, ws2_bstride,                   # out: [B, n_chunks] partial sums of g^2 (unrounded g)
+def _k1_grad(
+    # data (each [B, D] pointer followed by its batch stride, in elements; rows are unit-stride)
+    a_ptr, a_bstride,
+    au_ptr, au_bstride,                     # unused unless HAS_AU
+    wa_ptr,                                 # [B], unused unless PER_SAMPLE_WA
+    b_ptr, b_bstride,
+    bu_ptr, bu_bstride,                     # unused unless HAS_BU
+    wb_ptr,                                 # [B], unused unless PER_SAMPLE_WB
+    coef_ptr,                               # [B, 2] (A_b, C_b), unused unless HAS_XT
+    scale_ptr,                              # [B] s_b, unused unless HAS_SCALE
+    ws1_ptr,                                # in: [B, n_chunks] from _k1_norm_partials (NORM only)
+    g_ptr,                                  # out: contiguous [B, D] g in a's dtype
+    ws2_ptr,                                # out: [B, n_chunks] partial sums of g^2 (unrounded g)
     # scalars
-    guidance_scale: tl.float64,             # w when not PER_SAMPLE_GUIDANCE
-    eps: tl.float64,                        # floor of n_b
+    wa: tl.float64,                         # w of a when not PER_SAMPLE_WA
+    wb: tl.float64,                         # w of b when not PER_SAMPLE_WB
+    eps: tl.float64,                        # floor of n_b (NORM only)
+    clip: tl.float64,                       # bound of |g| (CLIP only)
     # shapes
     D, chunk_size, n_chunks,                # row length; elements per program; programs per row
     # compile-time
-    HAS_UNCOND: tl.constexpr,
-    PER_SAMPLE_GUIDANCE: tl.constexpr,
+    HAS_AU: tl.constexpr,
+    PER_SAMPLE_WA: tl.constexpr,
+    HAS_BU: tl.constexpr,
+    PER_SAMPLE_WB: tl.constexpr,
+    HAS_XT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    NORM: tl.constexpr,
+    CLIP: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
-    CHUNKS_POW2: tl.constexpr,              # power of two >= n_chunks
+    CHUNKS_POW2: tl.constexpr,              # power of two >= n_chunks (NORM only)
 ):
     chunk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
 
-    # n_b: every program of row b sums the same partials in the same order -> identical n_b.
-    ci = tl.arange(0, CHUNKS_POW2)
-    parts = tl.load(ws1_ptr + b * ws1_bstride + ci, mask=ci < n_chunks, other=0.0)
-    total = tl.sum(parts, axis=0)
-    mean = triton_utils.div_rn(total, tl.full([], D, COMPUTE_DTYPE), COMPUTE_DTYPE)
-    eps_c = tl.full([], eps, COMPUTE_DTYPE)
-    n_b = tl.where(mean < eps_c, eps_c, mean)  # max(mean, eps), NaN passes through
+    if NORM:
+        # n_b: every program of row b sums the same partials in the same order -> identical n_b.
+        ci = tl.arange(0, CHUNKS_POW2)
+        parts = tl.load(ws1_ptr + b * n_chunks + ci, mask=ci < n_chunks, other=0.0)
+        total = tl.sum(parts, axis=0)
+        mean = triton_utils.div_rn(total, tl.full([], D, COMPUTE_DTYPE), COMPUTE_DTYPE)
+        eps_c = tl.full([], eps, COMPUTE_DTYPE)
+        n_b = tl.where(mean < eps_c, eps_c, mean)  # max(mean, eps), NaN passes through
+        n_vec = tl.full([BLOCK], 0.0, COMPUTE_DTYPE) + n_b
+    if HAS_XT:
+        C = tl.load(coef_ptr + 2 * b + 1).to(COMPUTE_DTYPE)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + b).to(COMPUTE_DTYPE)
+    if CLIP:
+        hi = tl.full([], clip, COMPUTE_DTYPE)
+        lo = -hi
 
-    w = _guidance_weight(guidance_ptr, guidance_stride, guidance_scale, b, PER_SAMPLE_GUIDANCE, COMPUTE_DTYPE)
-    real_row = real_ptr + b * real_bstride
-    uncond_row = uncond_ptr + b * uncond_bstride
-    fake_row = fake_ptr + b * fake_bstride
-    g_row = g_ptr + b * g_bstride
+    wav = _weight(wa_ptr, wa, b, PER_SAMPLE_WA, COMPUTE_DTYPE)
+    wbv = _weight(wb_ptr, wb, b, PER_SAMPLE_WB, COMPUTE_DTYPE)
+    a_row = a_ptr + b * a_bstride
+    au_row = au_ptr + b * au_bstride
+    b_row = b_ptr + b * b_bstride
+    bu_row = bu_ptr + b * bu_bstride
+    g_row = g_ptr + b * D
 
     start = chunk * chunk_size
-    cols = tl.arange(0, BLOCK)
-    n_vec = tl.full([BLOCK], 0.0, COMPUTE_DTYPE) + n_b
     acc = tl.zeros([BLOCK], dtype=COMPUTE_DTYPE)
     for t in range(0, chunk_size, BLOCK):
         offs = start + t + cols
         mask = offs < D
-        r = _target(real_row, uncond_row, offs, mask, w, HAS_UNCOND, COMPUTE_DTYPE)
-        fake = tl.load(fake_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        g = triton_utils.nan_to_num(triton_utils.div_rn(fake - r, n_vec, COMPUTE_DTYPE), COMPUTE_DTYPE)
+        abar = _cfg(a_row, au_row, offs, mask, wav, HAS_AU, COMPUTE_DTYPE)
+        bbar = _cfg(b_row, bu_row, offs, mask, wbv, HAS_BU, COMPUTE_DTYPE)
+        d = abar - bbar
+        if HAS_XT:
+            d = C * d
+        if HAS_SCALE:
+            d = s * d
+        if NORM:
+            d = triton_utils.div_rn(d, n_vec, COMPUTE_DTYPE)
+        g = triton_utils.nan_to_num(d, COMPUTE_DTYPE)
+        if CLIP:
+            g = tl.where(g < lo, lo, g)
+            g = tl.where(g > hi, hi, g)
         tl.store(g_row + offs, triton_utils.round_to(g, g_ptr.dtype.element_ty), mask=mask)
         acc += tl.where(mask, g * g, 0.0)
-    tl.store(ws2_ptr + b * ws2_bstride + chunk, tl.sum(acc, axis=0))
+    tl.store(ws2_ptr + b * n_chunks + chunk, tl.sum(acc, axis=0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,79 +278,92 @@ def _launch_config(B: int, D: int) -> tuple[int, int, int]:
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_rows(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
-    if t.dim() != 2 or t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
-        raise ValueError(f"dmd_forward (triton): '{name}' must be [B, D] like x {tuple(x.shape)} {x.dtype} "
-                         f"{x.device}; got {tuple(t.shape)} {t.dtype} {t.device}")
+def _check_rows(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.dim() != 2 or t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"score_diff (triton): '{name}' must be [B, D] like a {tuple(ref.shape)} {ref.dtype} "
+                         f"{ref.device}; got {tuple(t.shape)} {t.dtype} {t.device}")
     if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"dmd_forward (triton): '{name}' rows must be unit-stride (stride(1) == 1); "
+        raise ValueError(f"score_diff (triton): '{name}' rows must be unit-stride (stride(1) == 1); "
                          f"got strides {t.stride()}")
 
 
-def dmd_forward(x: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
-                real_uncond: torch.Tensor | None, guidance: torch.Tensor | None,
-                guidance_scale: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, g) of the DMD forward for [B, D] inputs whose rows are unit-stride (any stride(0)).
+def _check_per_sample(name: str, t: torch.Tensor, shape: tuple, cdt: torch.dtype, device) -> None:
+    if t.shape != shape or t.dtype != cdt or t.device != device or not t.is_contiguous():
+        raise ValueError(f"score_diff (triton): '{name}' must be a contiguous {list(shape)} tensor of {cdt} "
+                         f"on {device}; got {tuple(t.shape)} {t.dtype} {t.device} strides {t.stride()}")
 
-    ``real_uncond`` enables guidance with w = ``guidance`` (a [B] tensor of the compute dtype) or, when
-    ``guidance`` is None, the float ``guidance_scale``. Returns the loss as a 0-d tensor of the compute
-    dtype and g as a new contiguous [B, D] tensor of x's dtype. Launch-only: no host synchronization.
+
+def forward(x2, a2, a_u2, wa_t, wa: float, b2, b_u2, wb_t, wb: float, xt2, coef, scale,
+            norm: bool, eps: float, clip: float, loss_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, g) of the K1 skeleton for [B, D] inputs whose rows are unit-stride (any stride(0)).
+
+    Absent inputs are None. ``wa_t``/``wb_t`` ([B] of the compute dtype) override the floats ``wa``/``wb``
+    and matter only with ``a_u2``/``b_u2``; ``coef`` ([B, 2]: A_b, C_b) comes with ``xt2``; ``scale`` is
+    [B]; ``x2`` is read only when ``norm`` (may be None otherwise); ``clip <= 0`` means none. Returns the
+    loss as a 0-d tensor of the compute dtype and g as a new contiguous [B, D] tensor of a2's dtype.
+    Launch-only: no host synchronization.
     """
-    if x.dtype not in _DTYPES or x.dim() != 2:
-        raise ValueError(f"dmd_forward (triton): x must be a 2-D float tensor, got {tuple(x.shape)} {x.dtype}")
-    for name, t in (("x", x), ("real", real), ("fake", fake)):
-        _check_rows(name, t, x)
-    if real_uncond is not None:
-        _check_rows("real_uncond", real_uncond, x)
-    B, D = x.shape
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if guidance is not None:
-        if real_uncond is None:
-            raise ValueError("dmd_forward (triton): per-sample guidance needs real_uncond")
-        if guidance.shape != (B,) or guidance.dtype != cdt or guidance.device != x.device:
-            raise ValueError(f"dmd_forward (triton): guidance must be [{B}] of {cdt} on {x.device}; got "
-                             f"{tuple(guidance.shape)} {guidance.dtype} {guidance.device}")
+    if a2.dtype not in _DTYPES or a2.dim() != 2:
+        raise ValueError(f"score_diff (triton): a must be a 2-D float tensor, got {tuple(a2.shape)} {a2.dtype}")
+    rows = {"a": a2, "b": b2, "a_u": a_u2, "b_u": b_u2, "xt": xt2, "x": x2 if norm else None}
+    for name, t in rows.items():
+        if t is not None:
+            _check_rows(name, t, a2)
+    if norm and x2 is None:
+        raise ValueError("score_diff (triton): norm needs x")
+    if (xt2 is None) != (coef is None):
+        raise ValueError("score_diff (triton): xt and coef come together")
+    B, D = a2.shape
+    dev = a2.device
+    cdt = torch.float64 if a2.dtype == torch.float64 else torch.float32
+    for name, t, shape in (("wa", wa_t, (B,)), ("wb", wb_t, (B,)), ("coef", coef, (B, 2)), ("scale", scale, (B,))):
+        if t is not None:
+            _check_per_sample(name, t, shape, cdt, dev)
 
-    g = native.empty((B, D), x.dtype, x.device)
-    if B == 0 or D == 0:  # shape-only branch; the reference's mean over nothing is NaN
-        return torch.full((), float("nan"), dtype=cdt, device=x.device), g
+    g = native.empty((B, D), a2.dtype, dev)
+    if B == 0 or D == 0:  # shape-only branch: the sum over no elements
+        return torch.zeros((), dtype=cdt, device=dev), g
 
     block, chunk_size, n_chunks = _launch_config(B, D)
-    ws = torch.empty((2, B, n_chunks), dtype=cdt, device=x.device)
+    ws = torch.empty((2, B, n_chunks), dtype=cdt, device=dev)
     ws1, ws2 = ws[0], ws[1]
 
-    has_uncond = real_uncond is not None
-    per_sample = guidance is not None
-    uncond = real_uncond if has_uncond else x          # dummy pointer, never read
-    gvec = guidance if per_sample else ws1             # dummy pointer, never read
-    gstride = guidance.stride(0) if per_sample else 0
+    has_au, has_bu = a_u2 is not None, b_u2 is not None
+    ps_wa, ps_wb = has_au and wa_t is not None, has_bu and wb_t is not None
+    has_xt, has_scale, do_clip = xt2 is not None, scale is not None, clip > 0
     compute = tl.float64 if cdt == torch.float64 else tl.float32
-    scale = float(guidance_scale)
-    eps = float(eps)
+    flags = dict(HAS_BU=has_bu, PER_SAMPLE_WB=ps_wb, HAS_XT=has_xt, COMPUTE_DTYPE=compute, BLOCK=block,
+                 num_warps=_NUM_WARPS)
 
-    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    def rows_of(t, b0, b1):  # (slice, batch stride); absent -> a dummy pointer, never read
+        return (t[b0:b1], t.stride(0)) if t is not None else (a2, 0)
+
+    def vec_of(t, b0, b1):
+        return t[b0:b1] if t is not None else ws1
+
+    guard = torch.cuda.device(dev) if a2.is_cuda else contextlib.nullcontext()
     with guard:
-        for b0 in range(0, B, _MAX_GRID_Y):  # more than one launch pair only when B > 65535
+        for b0 in range(0, B, _MAX_GRID_Y):  # more than one launch per kernel only when B > 65535
             b1 = min(B, b0 + _MAX_GRID_Y)
             grid = (n_chunks, b1 - b0)
-            xs, rs, fs, us = x[b0:b1], real[b0:b1], fake[b0:b1], uncond[b0:b1]
-            gs = gvec[b0:b1] if per_sample else gvec
-            w1, w2, go = ws1[b0:b1], ws2[b0:b1], g[b0:b1]
-            _dmd_norm_partials[grid](
-                xs, xs.stride(0), rs, rs.stride(0), us, us.stride(0) if has_uncond else 0,
-                gs, gstride, w1, w1.stride(0),
-                scale,
-                D, chunk_size,
-                HAS_UNCOND=has_uncond, PER_SAMPLE_GUIDANCE=per_sample, COMPUTE_DTYPE=compute,
-                BLOCK=block, num_warps=_NUM_WARPS,
-            )
-            _dmd_grad[grid](
-                rs, rs.stride(0), us, us.stride(0) if has_uncond else 0, fs, fs.stride(0),
-                gs, gstride, w1, w1.stride(0), go, go.stride(0), w2, w2.stride(0),
-                scale, eps,
+            a_s, au_s, b_s, bu_s = (rows_of(t, b0, b1) for t in (a2, a_u2, b2, b_u2))
+            wa_s, wb_s, coef_s, scale_s = (vec_of(t, b0, b1) for t in (wa_t, wb_t, coef, scale))
+            w1, w2, g_s = ws1[b0:b1], ws2[b0:b1], g[b0:b1]
+            if norm:
+                x_s, xt_s = rows_of(x2, b0, b1), rows_of(xt2, b0, b1)
+                _k1_norm_partials[grid](
+                    *x_s, *b_s, *bu_s, wb_s, *xt_s, coef_s, w1,
+                    float(wb),
+                    D, chunk_size, n_chunks,
+                    **flags,
+                )
+            _k1_grad[grid](
+                *a_s, *au_s, wa_s, *b_s, *bu_s, wb_s, coef_s, scale_s, w1, g_s, w2,
+                float(wa), float(wb), float(eps), float(clip),
                 D, chunk_size, n_chunks,
-                HAS_UNCOND=has_uncond, PER_SAMPLE_GUIDANCE=per_sample, COMPUTE_DTYPE=compute,
-                BLOCK=block, CHUNKS_POW2=triton.next_power_of_2(n_chunks), num_warps=_NUM_WARPS,
+                HAS_AU=has_au, PER_SAMPLE_WA=ps_wa, HAS_SCALE=has_scale, NORM=bool(norm), CLIP=do_clip,
+                CHUNKS_POW2=triton.next_power_of_2(n_chunks), **flags,
             )
-    loss = ws2.sum() * (0.5 / (B * D))
+    loss = ws2.sum() * (float(loss_factor) * 0.5)
     return loss, g
+
