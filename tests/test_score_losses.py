@@ -461,3 +461,18 @@ def test_to_x0_and_convert_round_trip():
     s = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
     xt_rf = (1 - s).view(-1, 1, 1) * x0 + s.view(-1, 1, 1) * eps
     torch.testing.assert_close(fd.convert(eps - x0, xt_rf, src="flow", dst="eps", alpha=1 - s, sigma=s), eps)
+
+
+def test_fdiv_weight():
+    """f-distill weights: r = clamp(exp(clamp(mean logit, +-10)), 0.1, 20), h = f(r), normalised to mean 1."""
+    logits = torch.tensor([[0.0, 0.0], [1.0, 3.0], [-50.0, -50.0], [50.0, 50.0]])
+    r = torch.tensor([1.0, math.exp(2.0), 0.1, 20.0])
+    for name, f in {"js": lambda r: 1 - 1 / (1 + r), "kl": lambda r: r, "rkl": lambda r: torch.ones_like(r),
+                    "sh": torch.sqrt, "jf": lambda r: 1 + r, "sf": lambda r: 1 / (1 + r),
+                    "neyman": lambda r: 1 / r}.items():
+        h = f(r)
+        torch.testing.assert_close(fd.fdiv_weight(logits, name), h / (h.mean() + 1e-6))
+        torch.testing.assert_close(fd.fdiv_weight(logits, name, normalize=False), h)
+    assert fd.fdiv_weight(logits.requires_grad_(True)).grad_fn is None  # detached
+    with pytest.raises(ValueError, match="fdiv_weight: divergence='tv' is not one of"):
+        fd.fdiv_weight(logits, "tv")

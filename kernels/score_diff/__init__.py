@@ -39,7 +39,6 @@ from torch import Tensor
 
 from flashdistill.kernels import backends, checks, grad_scale, native, params  # noqa: F401 (grad_scale registers its op)
 from flashdistill.kernels.score_diff import reference
-from flashdistill.kernels.score_diff.reference import fdiv_weight
 
 OP = "score_diff"
 REDUCTIONS = ("mean", "batch")
@@ -112,6 +111,24 @@ def vsd_loss(x: Tensor, real: Tensor, fake: Tensor, *, real_uncond: Optional[Ten
     if space != "x0":
         first, second = second, first
     return _call(op, x, *first, *second, None, None, scale, False, 0.0, clip, _kappa(op, reduction, x), backend)
+
+
+def fdiv_weight(logits: Tensor, divergence: str = "js", *, logit_clip: float = 10.0, ratio_clip=(0.1, 20.0),
+                normalize: bool = True) -> Tensor:
+    """f-distill per-sample weights for ``dmd_loss(weight=...)`` from discriminator logits [B, ...]:
+    r_b = clamp(exp(clamp(mean_b logits, +-logit_clip)), *ratio_clip), h_b = f(r_b) for the divergence
+    (rkl, kl, js, sf, neyman, sh, jf), divided by mean(h) + 1e-6 when normalize; float32, detached.
+    Under data parallelism normalise by the global mean yourself (normalize=False, then all-reduce)."""
+    op = "fdiv_weight"
+    checks.tensor(op, "logits", logits, min_dim=1)
+    if divergence not in reference.FDIV_WEIGHTS:
+        raise ValueError(f"{op}: divergence={divergence!r} is not one of {', '.join(reference.FDIV_WEIGHTS)}")
+    lo, hi = ratio_clip
+    if not (0 < lo <= hi and math.isfinite(hi) and logit_clip > 0):
+        raise ValueError(f"{op}: need 0 < ratio_clip[0] <= ratio_clip[1] < inf and logit_clip > 0, "
+                         f"got ratio_clip={ratio_clip}, logit_clip={logit_clip}")
+    return reference.fdiv_weight(logits, divergence, logit_clip=logit_clip, ratio_clip=ratio_clip,
+                                 normalize=normalize)
 
 
 def _check_x(op, x):
