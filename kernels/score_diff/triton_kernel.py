@@ -60,9 +60,10 @@ reference's: d = ā - b̄, then C_b d, then s_b (C_b d), then / n_b. Divisions u
 (``triton_utils.div_rn``: a plain fp32 ``/`` lowers to the approximate ``div.full.f32`` on NVIDIA).
 Float arguments (wa, wb, eps, clip) are passed as float64 and rounded once to C inside the kernels, as
 torch rounds a Python scalar to the tensor's dtype. g is rounded to a's dtype to nearest even
-(bfloat16 by hand, ``triton_utils.round_to``). On a GPU the compiler may contract
-u + w (p - u) or A xt + C b̄ into one FMA (Triton's default, as nvcc's), so ā, b̄, r can differ from an
-unfused evaluation in their last bit. Offsets are int64 (b * batch_stride can exceed 2^31).
+(bfloat16 by hand, ``triton_utils.round_to``). Every launch passes enable_fp_fusion=False: Triton
+(like nvcc) would otherwise contract u + w (p - u) or A xt + C b̄ into one FMA, so ā, b̄, r would differ
+from the reference in their last bit, and with cancellation in ā - b̄ by far more relative to g.
+Offsets are int64 (b * batch_stride can exceed 2^31).
 
 No host synchronization: shapes and flags alone decide the launch configuration, so ``forward`` can be
 captured in a CUDA graph (after a warm-up call has compiled the kernels).
@@ -247,6 +248,8 @@ def _k1_grad(
 _MAX_BLOCK = 1024        # tuning: elements per tile (8 per thread at 4 warps: 16-byte loads for 16-bit)
 _MIN_BLOCK = 128         # tuning: one element per thread at 4 warps
 _NUM_WARPS = 4           # tuning
+# enable_fp_fusion=False on every launch: no mul+add contracted into an FMA, so each product and sum
+# rounds as in the reference (elementwise results bit-identical to it in float64); free here (memory bound).
 _TARGET_PROGRAMS = 528   # tuning: ~4 programs per SM on a 132-SM H100, summed over the B rows
 _MAX_CHUNKS = 1024       # cap on programs per row (kernel 2 re-reads all n_chunks partials of its row)
 _MAX_GRID_Y = 65535      # CUDA limit on gridDim.y (rows per launch); correctness, not tuning
@@ -333,7 +336,7 @@ def forward(x2, a2, a_u2, wa_t, wa: float, b2, b_u2, wb_t, wb: float, xt2, coef,
     has_xt, has_scale, do_clip = xt2 is not None, scale is not None, clip > 0
     compute = tl.float64 if cdt == torch.float64 else tl.float32
     flags = dict(HAS_BU=has_bu, PER_SAMPLE_WB=ps_wb, HAS_XT=has_xt, COMPUTE_DTYPE=compute, BLOCK=block,
-                 num_warps=_NUM_WARPS)
+                 num_warps=_NUM_WARPS, enable_fp_fusion=False)
 
     def rows_of(t, b0, b1):  # (slice, batch stride); absent -> a dummy pointer, never read
         return (t[b0:b1], t.stride(0)) if t is not None else (a2, 0)

@@ -40,9 +40,10 @@ Loads are upcast to C before any arithmetic; accumulators are in C; the operatio
 reference's. The scalar guidance w and its complement 1 - w are computed in float64 on the host and
 rounded once to C in the kernel (the reference's ``(1 - w) * G`` with a Python float w); a per-sample
 w gives 1 - w in C. bfloat16 stores round to nearest even by hand (``triton_utils.round_to``), NaN
-passed through. On a GPU the compiler may contract a product and a sum into one FMA (Triton's
-default, as nvcc's), so results can differ from an unfused evaluation in their last bit. Offsets are
-int64 (b * batch_stride can exceed 2^31).
+passed through. Every launch passes enable_fp_fusion=False: no product and sum contracted into an
+FMA (Triton's default, as nvcc's), so each operation rounds as in the reference (with cancellation in
+y or in P u + Q y an FMA would move the result by many ulps of it). Offsets are int64
+(b * batch_stride can exceed 2^31).
 
 No host synchronization: shapes and flags alone decide the launch configuration.
 """
@@ -252,6 +253,8 @@ def _k2_grads(
 _MAX_BLOCK = 1024        # tuning: elements per tile (8 per thread at 4 warps: 16-byte loads for 16-bit)
 _MIN_BLOCK = 128         # tuning: one element per thread at 4 warps
 _NUM_WARPS = 4           # tuning
+# enable_fp_fusion=False on every launch: no mul+add contracted into an FMA, so each product and sum
+# rounds as in the reference (elementwise results bit-identical to it in float64); free here (memory bound).
 _TARGET_PROGRAMS = 528   # tuning: ~4 programs per SM on a 132-SM H100, summed over the B rows
 _MAX_CHUNKS = 1024       # cap on programs per row (the reduce kernel holds a row's partials in one tile)
 _MAX_GRID_Y = 65535      # CUDA limit on gridDim.y (rows per launch); correctness, not tuning
@@ -344,11 +347,11 @@ def forward(x2, r2, r_u2, wr_t, wr, f2, f_u2, wf_t, wf) -> torch.Tensor:
                 D, chunk_size, n_chunks,
                 HAS_RU=has_ru, PER_SAMPLE_WR=has_ru and wr_t is not None,
                 HAS_FU=has_fu, PER_SAMPLE_WF=has_fu and wf_t is not None,
-                COMPUTE_DTYPE=compute, BLOCK=block, num_warps=_NUM_WARPS,
+                COMPUTE_DTYPE=compute, BLOCK=block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
             )
         if n_chunks > 1:
             _reduce_rows[(3 * B,)](ws, sums, n_chunks, N_POW2=triton.next_power_of_2(n_chunks),
-                                   num_warps=_NUM_WARPS)
+                                   num_warps=_NUM_WARPS, enable_fp_fusion=False)
     return sums
 
 
@@ -386,6 +389,6 @@ def backward(x2, r2, r_u2, wr_t, wr, f2, f_u2, wf_t, wf, coef, need):
                 D,
                 HAS_RU=has_ru, PER_SAMPLE_WR=ps_wr, HAS_FU=has_fu, PER_SAMPLE_WF=ps_wf,
                 NEED_GX=want[0], NEED_GR=want[1], NEED_GRU=want[2], NEED_GF=want[3], NEED_GFU=want[4],
-                COMPUTE_DTYPE=compute, BLOCK=block, num_warps=_NUM_WARPS,
+                COMPUTE_DTYPE=compute, BLOCK=block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
             )
     return outs
