@@ -61,6 +61,6 @@ def test_every_op_package_is_installed():
         assert f'"flashdistill.kernels.{init.parent.name}"' in text, f"add flashdistill.kernels.{init.parent.name}"
 
 
-@pytest.mark.parametrize("op", ["dmd_loss", "grad_scale"])
+@pytest.mark.parametrize("op", ["score_diff", "score_identity_sums", "score_identity_grads", "regression_sums", "regression_grad", "grad_scale"])
 def test_ops_are_registered(op):
     assert hasattr(torch.ops.flashdistill, op)

@@ -75,17 +75,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "flashdistill CPU kernels (plain-integer ABI, see csrc/README.md)";
   using release = py::call_guard<py::gil_scoped_release>;
 
-  m.def("dmd_forward", &fd::dmd_forward, release(),
-        "Fused DMD loss forward: g [B, D] and loss (csrc/README.md).",
-        py::arg("dtype"), py::arg("B"), py::arg("D"),
-        py::arg("x"), py::arg("x_bstride"), py::arg("real"), py::arg("real_bstride"),
-        py::arg("fake"), py::arg("fake_bstride"), py::arg("real_uncond"), py::arg("real_uncond_bstride"),
-        py::arg("guidance"), py::arg("guidance_scale"), py::arg("eps"),
-        py::arg("g"), py::arg("loss"), py::arg("workspace"), py::arg("workspace_bytes"),
-        py::arg("stream"));
-  m.def("dmd_workspace_bytes", &fd::dmd_workspace_bytes, release(),
-        "Scratch bytes dmd_forward needs (0 on the CPU).", py::arg("dtype"), py::arg("B"), py::arg("D"));
-
   m.def("grad_scale", &fd::grad_scale, release(),
         "dst = src * (scale[0] * factor) in the compute type, rounded once.",
         py::arg("dtype"), py::arg("n"), py::arg("src"), py::arg("dst"), py::arg("scale"), py::arg("factor"));

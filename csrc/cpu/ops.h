@@ -9,21 +9,6 @@
 namespace flashdistill {
 namespace cpu {
 
-// Fused DMD loss forward (math: include/flashdistill/dmd.h). Writes g [B, D] (contiguous, dtype)
-// and loss (one value of the compute type). workspace and stream are unused on the CPU.
-void dmd_forward(int64_t dtype, int64_t B, int64_t D,
-                 uintptr_t x, int64_t x_bstride,
-                 uintptr_t real, int64_t real_bstride,
-                 uintptr_t fake, int64_t fake_bstride,
-                 uintptr_t real_uncond, int64_t real_uncond_bstride,
-                 uintptr_t guidance, double guidance_scale, double eps,
-                 uintptr_t g, uintptr_t loss,
-                 uintptr_t workspace, int64_t workspace_bytes,
-                 uintptr_t stream);
-
-// Scratch bytes dmd_forward needs from the caller: 0 on the CPU (it allocates its own few bytes).
-int64_t dmd_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
-
 // dst[i] = src[i] * (scale[0] * factor) in the compute type, rounded once (grad_scale.cpp): the
 // backward of losses that save dloss/dx up to the upstream scalar. scale points to one value of the
 // compute type.

@@ -1,4 +1,6 @@
-// DMD loss: the per-element math, shared by the CPU (g++) and CUDA (nvcc) builds.
+// DMD loss: the per-element math, shared by the CPU (g++) and CUDA (nvcc) builds, as the special
+// case of the K1 score difference (score_diff.h): a = fake, b = real (+ uncond), norm = 1, no xt,
+// scale or clip. Kept for code written against these names; new code uses score_diff.h.
 //
 // Distribution Matching Distillation, Yin et al. 2023 ("One-step Diffusion with Distribution
 // Matching Distillation"), Eq. 8 with the weight of Sec. 3.2, as kept by DMD2 (Yin et al. 2024):
@@ -16,36 +18,27 @@
 // (and their order) belong to each backend; this header is the scalar part only.
 #pragma once
 
-#include <math.h>
-
 #include "flashdistill/common.h"
+#include "flashdistill/score_diff.h"
 
 namespace flashdistill {
 
-FD_HD float dmd_abs(float v) { return fabsf(v); }
-FD_HD double dmd_abs(double v) { return fabs(v); }
+FD_HD float dmd_abs(float v) { return sd_abs(v); }
+FD_HD double dmd_abs(double v) { return sd_abs(v); }
 
 // The guided teacher prediction r (kCfg = false: r = real, and uncond / w are not read).
-template <bool kCfg, typename C> FD_HD C dmd_teacher(C real, C uncond, C w) {
-  return kCfg ? cfg(real, uncond, w) : real;
-}
+template <bool kCfg, typename C> FD_HD C dmd_teacher(C real, C uncond, C w) { return sd_guided<kCfg>(real, uncond, w); }
 
 // One term of sum_i |x_i - r_i|.
-template <typename C> FD_HD C dmd_abs_term(C x, C r) { return dmd_abs(x - r); }
+template <typename C> FD_HD C dmd_abs_term(C x, C r) { return sd_abs_term(x, r); }
 
-// The per-sample normalizer from the sum of the |x - r| terms over the D elements.
-template <typename C> FD_HD C dmd_norm(C mean_abs, C eps) { return clamp_min_nan(mean_abs, eps); }
+// The per-sample normaliser from the sum of the |x - r| terms over the D elements.
+template <typename C> FD_HD C dmd_norm(C mean_abs, C eps) { return sd_norm(mean_abs, eps); }
 
-// common.h's nan_to_num as three selects, the order picked for short vector code (gcc: two
-// compare + blend pairs and an and): NaN -> 0, +inf -> max, -inf -> -max, else v (-0 stays -0).
-template <typename C> FD_HD C dmd_nan_to_num(C v) {
-  const C big = Limits<C>::max;
-  C a = v < big ? v : big;    // +inf (and NaN) -> big
-  a = a > -big ? a : -big;    // -inf -> -big
-  return v == v ? a : C(0);   // NaN -> 0
-}
+// nan_to_num: NaN -> 0, +inf -> max, -inf -> -max, else v (-0 stays -0).
+template <typename C> FD_HD C dmd_nan_to_num(C v) { return sd_nan_to_num(v, C(Limits<C>::max)); }
 
 // One element of g, in the compute type, before rounding to the storage type.
-template <typename C> FD_HD C dmd_g(C fake, C r, C n) { return dmd_nan_to_num((fake - r) / n); }
+template <typename C> FD_HD C dmd_g(C fake, C r, C n) { return sd_g<true>(fake - r, n, C(Limits<C>::max)); }
 
 }  // namespace flashdistill
