@@ -16,16 +16,58 @@ namespace {
 
 template <typename P> P* ptr(uintptr_t v) { return reinterpret_cast<P*>(v); }
 
-void dmd_forward(int64_t dtype, int64_t B, int64_t D,
-                 uintptr_t x, int64_t x_bstride, uintptr_t real, int64_t real_bstride,
-                 uintptr_t fake, int64_t fake_bstride, uintptr_t real_uncond, int64_t real_uncond_bstride,
-                 uintptr_t guidance, double guidance_scale, double eps,
-                 uintptr_t g, uintptr_t loss, uintptr_t workspace, int64_t workspace_bytes,
-                 uintptr_t stream) {
-  gpu::dmd_forward_cuda(dtype, B, D, ptr<const void>(x), x_bstride, ptr<const void>(real), real_bstride,
-                        ptr<const void>(fake), fake_bstride, ptr<const void>(real_uncond), real_uncond_bstride,
-                        ptr<const void>(guidance), guidance_scale, eps, ptr<void>(g), ptr<void>(loss),
-                        ptr<void>(workspace), workspace_bytes, ptr<CUstream_st>(stream));
+// The skeletons: the same names and argument order as the CPU module (csrc/cpu/module.cpp), pointers
+// as integers, the stream last.
+void score_diff_forward(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs,
+                        uintptr_t a, int64_t a_bs, uintptr_t a_u, int64_t a_u_bs, uintptr_t wa_ptr, double wa,
+                        uintptr_t b, int64_t b_bs, uintptr_t b_u, int64_t b_u_bs, uintptr_t wb_ptr, double wb,
+                        uintptr_t xt, int64_t xt_bs, uintptr_t coef, uintptr_t scale, int64_t norm, double eps,
+                        double clip, double loss_factor, uintptr_t g, uintptr_t loss,
+                        uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
+  gpu::score_diff_forward_cuda(dtype, B, D, ptr<const void>(x), x_bs,
+                               ptr<const void>(a), a_bs, ptr<const void>(a_u), a_u_bs, ptr<const void>(wa_ptr), wa,
+                               ptr<const void>(b), b_bs, ptr<const void>(b_u), b_u_bs, ptr<const void>(wb_ptr), wb,
+                               ptr<const void>(xt), xt_bs, ptr<const void>(coef), ptr<const void>(scale), norm, eps,
+                               clip, loss_factor, ptr<void>(g), ptr<void>(loss), ptr<void>(workspace),
+                               workspace_bytes, ptr<CUstream_st>(stream));
+}
+
+void score_identity_forward(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs,
+                            uintptr_t r, int64_t r_bs, uintptr_t r_u, int64_t r_u_bs, uintptr_t wr_ptr, double wr,
+                            uintptr_t f, int64_t f_bs, uintptr_t f_u, int64_t f_u_bs, uintptr_t wf_ptr, double wf,
+                            uintptr_t sums, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
+  gpu::score_identity_forward_cuda(dtype, B, D, ptr<const void>(x), x_bs,
+                                   ptr<const void>(r), r_bs, ptr<const void>(r_u), r_u_bs, ptr<const void>(wr_ptr), wr,
+                                   ptr<const void>(f), f_bs, ptr<const void>(f_u), f_u_bs, ptr<const void>(wf_ptr), wf,
+                                   ptr<void>(sums), ptr<void>(workspace), workspace_bytes, ptr<CUstream_st>(stream));
+}
+
+void score_identity_backward(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs,
+                             uintptr_t r, int64_t r_bs, uintptr_t r_u, int64_t r_u_bs, uintptr_t wr_ptr, double wr,
+                             uintptr_t f, int64_t f_bs, uintptr_t f_u, int64_t f_u_bs, uintptr_t wf_ptr, double wf,
+                             uintptr_t coef, uintptr_t gx, uintptr_t gr, uintptr_t gr_u, uintptr_t gf, uintptr_t gf_u,
+                             uintptr_t stream) {
+  gpu::score_identity_backward_cuda(dtype, B, D, ptr<const void>(x), x_bs,
+                                    ptr<const void>(r), r_bs, ptr<const void>(r_u), r_u_bs, ptr<const void>(wr_ptr), wr,
+                                    ptr<const void>(f), f_bs, ptr<const void>(f_u), f_u_bs, ptr<const void>(wf_ptr), wf,
+                                    ptr<const void>(coef), ptr<void>(gx), ptr<void>(gr), ptr<void>(gr_u),
+                                    ptr<void>(gf), ptr<void>(gf_u), ptr<CUstream_st>(stream));
+}
+
+void regression_forward(int64_t dtype, int64_t B, int64_t D, uintptr_t pred, int64_t pred_bs,
+                        uintptr_t t1, int64_t t1_bs, uintptr_t t2, int64_t t2_bs, uintptr_t coef, int64_t kind,
+                        double c, uintptr_t sums, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
+  gpu::regression_forward_cuda(dtype, B, D, ptr<const void>(pred), pred_bs, ptr<const void>(t1), t1_bs,
+                               ptr<const void>(t2), t2_bs, ptr<const void>(coef), kind, c, ptr<void>(sums),
+                               ptr<void>(workspace), workspace_bytes, ptr<CUstream_st>(stream));
+}
+
+void regression_backward(int64_t dtype, int64_t B, int64_t D, uintptr_t pred, int64_t pred_bs,
+                         uintptr_t t1, int64_t t1_bs, uintptr_t t2, int64_t t2_bs, uintptr_t coef, int64_t kind,
+                         double c, uintptr_t k, uintptr_t gpred, uintptr_t stream) {
+  gpu::regression_backward_cuda(dtype, B, D, ptr<const void>(pred), pred_bs, ptr<const void>(t1), t1_bs,
+                                ptr<const void>(t2), t2_bs, ptr<const void>(coef), kind, c, ptr<const void>(k),
+                                ptr<void>(gpred), ptr<CUstream_st>(stream));
 }
 
 void grad_scale(int64_t dtype, int64_t n, uintptr_t src, uintptr_t dst, uintptr_t scale, double factor,
@@ -60,15 +102,43 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("build_info", &build_info, "How this module was compiled: nvcc, CUDA runtime, GPU architectures.");
 
   // ---- ops ----
-  m.def("dmd_workspace_bytes", &gpu::dmd_workspace_bytes, py::arg("dtype"), py::arg("B"), py::arg("D"),
-        release(), "Scratch bytes dmd_forward needs for (dtype, B, D).");
-  m.def("dmd_forward", &dmd_forward,
-        py::arg("dtype"), py::arg("B"), py::arg("D"),
-        py::arg("x"), py::arg("x_bstride"), py::arg("real"), py::arg("real_bstride"),
-        py::arg("fake"), py::arg("fake_bstride"), py::arg("real_uncond"), py::arg("real_uncond_bstride"),
-        py::arg("guidance"), py::arg("guidance_scale"), py::arg("eps"),
-        py::arg("g"), py::arg("loss"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
-        release(), "DMD loss forward: writes g [B, D] (dtype) and loss (compute type); enqueued on stream.");
+  m.def("score_diff_forward", &score_diff_forward,
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
+        py::arg("a"), py::arg("a_bs"), py::arg("a_u"), py::arg("a_u_bs"), py::arg("wa_ptr"), py::arg("wa"),
+        py::arg("b"), py::arg("b_bs"), py::arg("b_u"), py::arg("b_u_bs"), py::arg("wb_ptr"), py::arg("wb"),
+        py::arg("xt"), py::arg("xt_bs"), py::arg("coef"), py::arg("scale"), py::arg("norm"), py::arg("eps"),
+        py::arg("clip"), py::arg("loss_factor"), py::arg("g"), py::arg("loss"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"), release(),
+        "K1 forward: g [B, D] (dtype) and the loss (compute type); enqueued on stream.");
+  m.def("score_diff_workspace_bytes", &gpu::score_diff_workspace_bytes, py::arg("dtype"), py::arg("B"),
+        py::arg("D"), release(), "Scratch bytes score_diff_forward needs for (dtype, B, D).");
+  m.def("score_identity_forward", &score_identity_forward,
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
+        py::arg("r"), py::arg("r_bs"), py::arg("r_u"), py::arg("r_u_bs"), py::arg("wr_ptr"), py::arg("wr"),
+        py::arg("f"), py::arg("f_bs"), py::arg("f_u"), py::arg("f_u_bs"), py::arg("wf_ptr"), py::arg("wf"),
+        py::arg("sums"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"), release(),
+        "K2 forward: per-sample sums [B, 3] (compute type); enqueued on stream.");
+  m.def("score_identity_workspace_bytes", &gpu::score_identity_workspace_bytes, py::arg("dtype"), py::arg("B"),
+        py::arg("D"), release(), "Scratch bytes score_identity_forward needs for (dtype, B, D).");
+  m.def("score_identity_backward", &score_identity_backward,
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
+        py::arg("r"), py::arg("r_bs"), py::arg("r_u"), py::arg("r_u_bs"), py::arg("wr_ptr"), py::arg("wr"),
+        py::arg("f"), py::arg("f_bs"), py::arg("f_u"), py::arg("f_u_bs"), py::arg("wf_ptr"), py::arg("wf"),
+        py::arg("coef"), py::arg("gx"), py::arg("gr"), py::arg("gr_u"), py::arg("gf"), py::arg("gf_u"),
+        py::arg("stream"), release(),
+        "K2 backward: up to five gradients [B, D] (dtype) from the per-sample (P, Q); enqueued on stream.");
+  m.def("regression_forward", &regression_forward,
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("pred"), py::arg("pred_bs"),
+        py::arg("t1"), py::arg("t1_bs"), py::arg("t2"), py::arg("t2_bs"), py::arg("coef"), py::arg("kind"),
+        py::arg("c"), py::arg("sums"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+        release(), "K3/K5 forward: per-sample sums [B] (compute type); enqueued on stream.");
+  m.def("regression_workspace_bytes", &gpu::regression_workspace_bytes, py::arg("dtype"), py::arg("B"),
+        py::arg("D"), release(), "Scratch bytes regression_forward needs for (dtype, B, D).");
+  m.def("regression_backward", &regression_backward,
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("pred"), py::arg("pred_bs"),
+        py::arg("t1"), py::arg("t1_bs"), py::arg("t2"), py::arg("t2_bs"), py::arg("coef"), py::arg("kind"),
+        py::arg("c"), py::arg("k"), py::arg("gpred"), py::arg("stream"), release(),
+        "K3/K5 backward: d loss / d pred [B, D] (dtype) from the per-sample factor k; enqueued on stream.");
   m.def("grad_scale", &grad_scale, py::arg("dtype"), py::arg("n"), py::arg("src"), py::arg("dst"),
         py::arg("scale"), py::arg("factor"), py::arg("stream"), release(),
         "dst = src * (scale[0] * factor) in the compute type, rounded once; enqueued on stream.");

@@ -36,27 +36,63 @@ struct BuildInfo {
 };
 BuildInfo build_info();
 
-// ---- dmd_forward (dmd.cu) -----------------------------------------------------------------------
+// ---- the score-loss skeletons (csrc/README.md, "The score-loss skeletons") ----------------------
+// Pointers are device pointers (null = absent), strides in elements, per-sample arrays of the compute
+// type. Every function enqueues its kernels on `stream` and returns without synchronizing or
+// allocating. They throw std::invalid_argument for arguments they can check (dtype, sizes, null
+// pointers, a workspace that is too small or misaligned) and std::runtime_error naming the kernel
+// when a launch fails (including "no driver / no device").
+//
+// The *_workspace_bytes functions depend only on (dtype, B, D) (no device query), so Python can
+// size the workspace before the call; they throw std::invalid_argument for an unknown dtype or
+// negative sizes.
 
-// Scratch bytes dmd_forward_cuda needs for (dtype, B, D): two arrays of B * n_chunks partial sums in
-// the compute type. Depends on nothing else (no device query), so Python can size the workspace
-// before the call. Throws std::invalid_argument for an unknown dtype or negative sizes.
-int64_t dmd_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
+// K1 (score_diff.cu): g [B, D] and the loss (one value of the compute type). Three kernels (two
+// without the normaliser); workspace: two arrays of B * n_chunks partial sums.
+int64_t score_diff_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
+void score_diff_forward_cuda(int64_t dtype, int64_t B, int64_t D,
+                             const void* x, int64_t x_bs,
+                             const void* a, int64_t a_bs, const void* a_u, int64_t a_u_bs,
+                             const void* wa_ptr, double wa,
+                             const void* b, int64_t b_bs, const void* b_u, int64_t b_u_bs,
+                             const void* wb_ptr, double wb,
+                             const void* xt, int64_t xt_bs, const void* coef,
+                             const void* scale, int64_t norm, double eps, double clip, double loss_factor,
+                             void* g, void* loss,
+                             void* workspace, int64_t workspace_bytes,
+                             CUstream_st* stream);
 
-// The DMD loss forward (csrc/README.md, "dmd_forward"). Pointers are device pointers; real_uncond
-// and guidance may be null; strides are in elements. Enqueues three kernels on `stream` and returns
-// without synchronizing. Throws std::invalid_argument for arguments it can check (dtype, sizes,
-// null pointers, a workspace that is too small or misaligned) and std::runtime_error naming the
-// kernel when a launch fails (including "no driver / no device").
-void dmd_forward_cuda(int64_t dtype, int64_t B, int64_t D,
-                      const void* x, int64_t x_bstride,
-                      const void* real, int64_t real_bstride,
-                      const void* fake, int64_t fake_bstride,
-                      const void* real_uncond, int64_t real_uncond_bstride,
-                      const void* guidance, double guidance_scale, double eps,
-                      void* g, void* loss,
-                      void* workspace, int64_t workspace_bytes,
-                      CUstream_st* stream);
+// K2 (score_identity.cu): per-sample sums [B, 3]; the backward writes up to five gradients (each
+// output null = not wanted). Workspace: 3 * B * n_chunks partials, 0 when a row is one chunk.
+int64_t score_identity_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
+void score_identity_forward_cuda(int64_t dtype, int64_t B, int64_t D,
+                                 const void* x, int64_t x_bs,
+                                 const void* r, int64_t r_bs, const void* r_u, int64_t r_u_bs,
+                                 const void* wr_ptr, double wr,
+                                 const void* f, int64_t f_bs, const void* f_u, int64_t f_u_bs,
+                                 const void* wf_ptr, double wf,
+                                 void* sums, void* workspace, int64_t workspace_bytes,
+                                 CUstream_st* stream);
+void score_identity_backward_cuda(int64_t dtype, int64_t B, int64_t D,
+                                  const void* x, int64_t x_bs,
+                                  const void* r, int64_t r_bs, const void* r_u, int64_t r_u_bs,
+                                  const void* wr_ptr, double wr,
+                                  const void* f, int64_t f_bs, const void* f_u, int64_t f_u_bs,
+                                  const void* wf_ptr, double wf,
+                                  const void* coef, void* gx, void* gr, void* gr_u, void* gf, void* gf_u,
+                                  CUstream_st* stream);
+
+// K3/K5 (regression.cu): per-sample sums [B]; the backward writes d loss / d pred from k [B].
+// Workspace: B * n_chunks partials, 0 when a row is one chunk.
+int64_t regression_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
+void regression_forward_cuda(int64_t dtype, int64_t B, int64_t D,
+                             const void* pred, int64_t pred_bs, const void* t1, int64_t t1_bs,
+                             const void* t2, int64_t t2_bs, const void* coef, int64_t kind, double c,
+                             void* sums, void* workspace, int64_t workspace_bytes, CUstream_st* stream);
+void regression_backward_cuda(int64_t dtype, int64_t B, int64_t D,
+                              const void* pred, int64_t pred_bs, const void* t1, int64_t t1_bs,
+                              const void* t2, int64_t t2_bs, const void* coef, int64_t kind, double c,
+                              const void* k, void* gpred, CUstream_st* stream);
 
 // ---- grad_scale (grad_scale.cu) ------------------------------------------------------------------
 
