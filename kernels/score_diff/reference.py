@@ -146,14 +146,6 @@ def fdiv_weight(logits, divergence: str = "js", *, logit_clip: float = 10.0, rat
     return h
 
 
-def dmd_forward(x, real, fake, real_uncond, guidance, guidance_scale: float, eps: float):
-    """The op's reference backend: (loss, g) with g in x.dtype, as every fused backend returns them."""
-    w = guidance if guidance is not None else guidance_scale
-    g = dmd_grad(x, real, fake, real_uncond=real_uncond, guidance=w, eps=eps)
-    loss = 0.5 * g.square().mean()
-    return loss, g.to(x.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The K1 skeleton that every score-difference loss of this package reduces to (csrc/README.md,
 # "K1: score_diff_forward"); each backend implements exactly this on [B, D] rows.
