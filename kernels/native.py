@@ -60,3 +60,43 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     if t2.shape[1] > 1 and t2.stride(1) != 1:
         t2 = t2.contiguous()
     return t2
+
+
+# ---- argument packing for the kernels' ABI (absent tensors are passed as 0) -----------------------
+
+def rows_of(*ts):
+    """``rows(t)`` of each tensor, None for None."""
+    return [rows(t) if t is not None else None for t in ts]
+
+
+def row_arg(t) -> tuple[int, int]:
+    """(data pointer, batch stride in elements) of a [B, D] row view; (0, 0) when absent."""
+    return (t.data_ptr(), t.stride(0)) if t is not None else (0, 0)
+
+
+def ptr(t) -> int:
+    """Data pointer, 0 when absent."""
+    return t.data_ptr() if t is not None else 0
+
+
+def contiguous(t):
+    """A contiguous tensor (keep the result alive while its pointer is in use), None for None."""
+    return t.contiguous() if t is not None else None
+
+
+def workspace(nbytes: int, device: torch.device):
+    """Scratch of ``nbytes`` bytes for a kernel (None when it needs none)."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
+
+
+def on_cuda_module(fn):
+    """``fn(cuda_module, t, *args)`` run with ``t``'s device current: the CUDA backend of an op."""
+    def run(t, *args):
+        with torch.cuda.device(t.device):
+            return fn(cuda_module()[0], t, *args)
+    return run
+
+
+def on_cpu_module(fn):
+    """``fn(cpu_module, *args)``: the CPU backend of an op."""
+    return lambda *args: fn(cpu_module()[0], *args)

@@ -117,68 +117,49 @@ def _validate(op, names, pred, t1, t2, coef):
 # ----------------------------------------------------------------------------------------------------
 # backends
 
-def _rows(*ts):
-    return [native.rows(t) if t is not None else None for t in ts]
-
-
-def _pb(t):
-    return (t.data_ptr(), t.stride(0)) if t is not None else (0, 0)
-
-
-def _p(t):
-    return t.data_ptr() if t is not None else 0
-
-
 def _native_sums(mod, pred, t1, t2, coef, kind, c):
-    p2, a2, b2 = _rows(pred, t1, t2)
+    p2, a2, b2 = native.rows_of(pred, t1, t2)
     B, D = p2.shape
     code = native.DTYPE_CODES[pred.dtype]
     sums = native.empty((B,), checks.compute_dtype(pred.dtype), pred.device)
     ws_bytes = mod.regression_workspace_bytes(code, B, D)
-    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=pred.device) if ws_bytes else None
-    coef = coef.contiguous() if coef is not None else None
-    mod.regression_forward(code, B, D, *_pb(p2), *_pb(a2), *_pb(b2), _p(coef), kind, c, sums.data_ptr(), _p(ws),
-                           ws_bytes, native.stream_of(pred))
+    ws, coef = native.workspace(ws_bytes, pred.device), native.contiguous(coef)
+    mod.regression_forward(code, B, D, *native.row_arg(p2), *native.row_arg(a2), *native.row_arg(b2),
+                           native.ptr(coef), kind, c, sums.data_ptr(), native.ptr(ws), ws_bytes,
+                           native.stream_of(pred))
     return sums
 
 
 def _native_grad(mod, pred, t1, t2, coef, kind, c, k):
-    p2, a2, b2 = _rows(pred, t1, t2)
+    p2, a2, b2 = native.rows_of(pred, t1, t2)
     B, D = p2.shape
     out = native.empty((B, D), pred.dtype, pred.device)
-    coef = coef.contiguous() if coef is not None else None
-    k = k.contiguous()
-    mod.regression_backward(native.DTYPE_CODES[pred.dtype], B, D, *_pb(p2), *_pb(a2), *_pb(b2), _p(coef), kind, c,
-                            k.data_ptr(), out.data_ptr(), native.stream_of(pred))
+    coef, k = native.contiguous(coef), k.contiguous()
+    mod.regression_backward(native.DTYPE_CODES[pred.dtype], B, D, *native.row_arg(p2), *native.row_arg(a2),
+                            *native.row_arg(b2), native.ptr(coef), kind, c, k.data_ptr(), out.data_ptr(),
+                            native.stream_of(pred))
     return out.view(pred.shape)
 
 
 def _triton_sums(pred, t1, t2, coef, kind, c):
     from flashdistill.kernels.regression import triton_kernel
 
-    p2, a2, b2 = _rows(pred, t1, t2)
-    return triton_kernel.forward(p2, a2, b2, coef.contiguous() if coef is not None else None, kind, c)
+    p2, a2, b2 = native.rows_of(pred, t1, t2)
+    return triton_kernel.forward(p2, a2, b2, native.contiguous(coef), kind, c)
 
 
 def _triton_grad(pred, t1, t2, coef, kind, c, k):
     from flashdistill.kernels.regression import triton_kernel
 
-    p2, a2, b2 = _rows(pred, t1, t2)
-    return triton_kernel.backward(p2, a2, b2, coef.contiguous() if coef is not None else None, kind, c,
+    p2, a2, b2 = native.rows_of(pred, t1, t2)
+    return triton_kernel.backward(p2, a2, b2, native.contiguous(coef), kind, c,
                                   k.contiguous()).view(pred.shape)
 
 
-def _cuda(fn):
-    def run(pred, *args):
-        with torch.cuda.device(pred.device):
-            return fn(native.cuda_module()[0], pred, *args)
-    return run
-
-
-_SUMS = {"reference": reference.sums, "cpu": lambda *a: _native_sums(native.cpu_module()[0], *a),
-         "cuda": _cuda(_native_sums), "triton": _triton_sums}
-_GRAD = {"reference": reference.grad, "cpu": lambda *a: _native_grad(native.cpu_module()[0], *a),
-         "cuda": _cuda(_native_grad), "triton": _triton_grad}
+_SUMS = {"reference": reference.sums, "cpu": native.on_cpu_module(_native_sums),
+         "cuda": native.on_cuda_module(_native_sums), "triton": _triton_sums}
+_GRAD = {"reference": reference.grad, "cpu": native.on_cpu_module(_native_grad),
+         "cuda": native.on_cuda_module(_native_grad), "triton": _triton_grad}
 
 
 # ----------------------------------------------------------------------------------------------------

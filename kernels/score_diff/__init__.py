@@ -198,58 +198,35 @@ def _reference(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, ep
                                         loss_factor)
 
 
-def _ptr(t):
-    """(pointer, batch stride) of a [B, D] row view, (0, 0) when absent."""
-    return (t.data_ptr(), t.stride(0)) if t is not None else (0, 0)
-
-
-def _p(t):
-    return t.data_ptr() if t is not None else 0
-
-
 def _native_forward(mod, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor):
-    r = {k: native.rows(t) if t is not None else None
-         for k, t in (("x", x if norm else None), ("a", a), ("a_u", a_u), ("b", b), ("b_u", b_u), ("xt", x_t))}
-    B, D = r["a"].shape
+    x2, a2, au2, b2, bu2, xt2 = native.rows_of(x if norm else None, a, a_u, b, b_u, x_t)
+    B, D = a2.shape
     code = native.DTYPE_CODES[x.dtype]
     g = native.empty((B, D), x.dtype, x.device)
     loss = native.empty((), checks.compute_dtype(x.dtype), x.device)
     ws_bytes = mod.score_diff_workspace_bytes(code, B, D)
-    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
-    small = {k: t.contiguous() if t is not None else None
-             for k, t in (("wa", wa_t), ("wb", wb_t), ("coef", coef), ("scale", scale))}
+    ws = native.workspace(ws_bytes, x.device)
+    wa_t, wb_t, coef, scale = (native.contiguous(t) for t in (wa_t, wb_t, coef, scale))
     mod.score_diff_forward(
-        code, B, D, *_ptr(r["x"]), *_ptr(r["a"]), *_ptr(r["a_u"]), _p(small["wa"]), wa,
-        *_ptr(r["b"]), *_ptr(r["b_u"]), _p(small["wb"]), wb, *_ptr(r["xt"]), _p(small["coef"]), _p(small["scale"]),
-        int(norm), eps, clip, loss_factor, g.data_ptr(), loss.data_ptr(),
-        ws.data_ptr() if ws is not None else 0, ws_bytes, native.stream_of(x))
+        code, B, D, *native.row_arg(x2), *native.row_arg(a2), *native.row_arg(au2), native.ptr(wa_t), wa,
+        *native.row_arg(b2), *native.row_arg(bu2), native.ptr(wb_t), wb, *native.row_arg(xt2), native.ptr(coef),
+        native.ptr(scale), int(norm), eps, clip, loss_factor, g.data_ptr(), loss.data_ptr(),
+        native.ptr(ws), ws_bytes, native.stream_of(x))
     return loss, g.view(x.shape)
-
-
-def _cpu(*args):
-    return _native_forward(native.cpu_module()[0], *args)
-
-
-def _cuda(x, *args):
-    with torch.cuda.device(x.device):
-        return _native_forward(native.cuda_module()[0], x, *args)
 
 
 def _triton(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor):
     from flashdistill.kernels.score_diff import triton_kernel
 
-    def rw(t):
-        return native.rows(t) if t is not None else None
-
-    def c(t):
-        return t.contiguous() if t is not None else None
-
-    loss, g = triton_kernel.forward(rw(x) if norm else None, rw(a), rw(a_u), c(wa_t), wa, rw(b), rw(b_u), c(wb_t),
-                                    wb, rw(x_t), c(coef), c(scale), norm, eps, clip, loss_factor)
+    x2, a2, au2, b2, bu2, xt2 = native.rows_of(x if norm else None, a, a_u, b, b_u, x_t)
+    c = native.contiguous
+    loss, g = triton_kernel.forward(x2, a2, au2, c(wa_t), wa, b2, bu2, c(wb_t), wb, xt2, c(coef), c(scale), norm,
+                                    eps, clip, loss_factor)
     return loss, g.view(x.shape)
 
 
-_IMPLS = {"reference": _reference, "cpu": _cpu, "triton": _triton, "cuda": _cuda}
+_IMPLS = {"reference": _reference, "cpu": native.on_cpu_module(_native_forward), "triton": _triton,
+          "cuda": native.on_cuda_module(_native_forward)}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -139,42 +139,31 @@ def _ref_grads(x, r, r_u, wr_t, wr, f, f_u, wf_t, wf, coef, need):
     return reference.grads(x, r, r_u, _w(wr_t, wr), f, f_u, _w(wf_t, wf), coef, need)
 
 
-def _rows(*ts):
-    return [native.rows(t) if t is not None else None for t in ts]
-
-
-def _pb(t):
-    return (t.data_ptr(), t.stride(0)) if t is not None else (0, 0)
-
-
-def _p(t):
-    return t.data_ptr() if t is not None else 0
-
-
-def _c(t):
-    return t.contiguous() if t is not None else None
+def _native_args(x, r, r_u, wr_t, wr, f, f_u, wf_t, wf):
+    """The (B, D, rows and guidance) part of the K2 ABI, and the tensors that must stay alive."""
+    x2, r2, ru2, f2, fu2 = native.rows_of(x, r, r_u, f, f_u)
+    wr_t, wf_t = native.contiguous(wr_t), native.contiguous(wf_t)
+    args = (*x2.shape, *native.row_arg(x2), *native.row_arg(r2), *native.row_arg(ru2), native.ptr(wr_t), wr,
+            *native.row_arg(f2), *native.row_arg(fu2), native.ptr(wf_t), wf)
+    return args, (x2, r2, ru2, f2, fu2, wr_t, wf_t)
 
 
 def _native_sums(mod, x, r, r_u, wr_t, wr, f, f_u, wf_t, wf):
-    x2, r2, ru2, f2, fu2 = _rows(x, r, r_u, f, f_u)
-    B, D = x2.shape
-    code = native.DTYPE_CODES[x.dtype]
+    args, _alive = _native_args(x, r, r_u, wr_t, wr, f, f_u, wf_t, wf)
+    code, (B, D) = native.DTYPE_CODES[x.dtype], args[:2]
     sums = native.empty((B, 3), checks.compute_dtype(x.dtype), x.device)
     ws_bytes = mod.score_identity_workspace_bytes(code, B, D)
-    ws = torch.empty(ws_bytes, dtype=torch.uint8, device=x.device) if ws_bytes else None
-    wr_t, wf_t = _c(wr_t), _c(wf_t)
-    mod.score_identity_forward(code, B, D, *_pb(x2), *_pb(r2), *_pb(ru2), _p(wr_t), wr, *_pb(f2), *_pb(fu2),
-                               _p(wf_t), wf, sums.data_ptr(), _p(ws), ws_bytes, native.stream_of(x))
+    ws = native.workspace(ws_bytes, x.device)
+    mod.score_identity_forward(code, *args, sums.data_ptr(), native.ptr(ws), ws_bytes, native.stream_of(x))
     return sums
 
 
 def _native_grads(mod, x, r, r_u, wr_t, wr, f, f_u, wf_t, wf, coef, need):
-    x2, r2, ru2, f2, fu2 = _rows(x, r, r_u, f, f_u)
-    B, D = x2.shape
+    args, _alive = _native_args(x, r, r_u, wr_t, wr, f, f_u, wf_t, wf)
+    B, D = args[:2]
     outs = [native.empty((B, D), x.dtype, x.device) if n and p else None for n, p in zip(need, _present(r_u, f_u))]
-    wr_t, wf_t, coef = _c(wr_t), _c(wf_t), _c(coef)
-    mod.score_identity_backward(native.DTYPE_CODES[x.dtype], B, D, *_pb(x2), *_pb(r2), *_pb(ru2), _p(wr_t), wr,
-                                *_pb(f2), *_pb(fu2), _p(wf_t), wf, coef.data_ptr(), *(_p(o) for o in outs),
+    coef = coef.contiguous()
+    mod.score_identity_backward(native.DTYPE_CODES[x.dtype], *args, coef.data_ptr(), *(native.ptr(o) for o in outs),
                                 native.stream_of(x))
     return tuple(o.view(x.shape) if o is not None else None for o in outs)
 
@@ -182,29 +171,23 @@ def _native_grads(mod, x, r, r_u, wr_t, wr, f, f_u, wf_t, wf, coef, need):
 def _triton_sums(x, r, r_u, wr_t, wr, f, f_u, wf_t, wf):
     from flashdistill.kernels.score_identity import triton_kernel
 
-    x2, r2, ru2, f2, fu2 = _rows(x, r, r_u, f, f_u)
-    return triton_kernel.forward(x2, r2, ru2, _c(wr_t), wr, f2, fu2, _c(wf_t), wf)
+    x2, r2, ru2, f2, fu2 = native.rows_of(x, r, r_u, f, f_u)
+    return triton_kernel.forward(x2, r2, ru2, native.contiguous(wr_t), wr, f2, fu2, native.contiguous(wf_t), wf)
 
 
 def _triton_grads(x, r, r_u, wr_t, wr, f, f_u, wf_t, wf, coef, need):
     from flashdistill.kernels.score_identity import triton_kernel
 
-    x2, r2, ru2, f2, fu2 = _rows(x, r, r_u, f, f_u)
-    outs = triton_kernel.backward(x2, r2, ru2, _c(wr_t), wr, f2, fu2, _c(wf_t), wf, coef.contiguous(), tuple(need))
+    x2, r2, ru2, f2, fu2 = native.rows_of(x, r, r_u, f, f_u)
+    c = native.contiguous
+    outs = triton_kernel.backward(x2, r2, ru2, c(wr_t), wr, f2, fu2, c(wf_t), wf, coef.contiguous(), tuple(need))
     return tuple(o.view(x.shape) if o is not None else None for o in outs)
 
 
-def _cuda(fn):
-    def run(x, *args):
-        with torch.cuda.device(x.device):
-            return fn(native.cuda_module()[0], x, *args)
-    return run
-
-
-_SUMS = {"reference": _ref_sums, "cpu": lambda *a: _native_sums(native.cpu_module()[0], *a),
-         "cuda": _cuda(_native_sums), "triton": _triton_sums}
-_GRADS = {"reference": _ref_grads, "cpu": lambda *a: _native_grads(native.cpu_module()[0], *a),
-          "cuda": _cuda(_native_grads), "triton": _triton_grads}
+_SUMS = {"reference": _ref_sums, "cpu": native.on_cpu_module(_native_sums),
+         "cuda": native.on_cuda_module(_native_sums), "triton": _triton_sums}
+_GRADS = {"reference": _ref_grads, "cpu": native.on_cpu_module(_native_grads),
+          "cuda": native.on_cuda_module(_native_grads), "triton": _triton_grads}
 
 
 # ----------------------------------------------------------------------------------------------------
