@@ -19,8 +19,8 @@ stored rounded to pred's dtype.
 Passes
 ------
     forward   _k3_partials  grid (n_chunks, B): the partial sum over one chunk of row b -> ws[b, chunk]
-              _reduce_rows  grid (B,): each row of n_chunks partials summed in one fixed order (skipped
-                            when n_chunks == 1: the partials are the sums)
+              reduce_rows   grid (B,): each row of n_chunks partials summed in one fixed order (skipped
+                            when n_chunks == 1: the partials are the sums; triton_utils.reduce_rows)
     backward  _k3_grad      grid (tiles, B): elementwise, one BLOCK per program
 Every reduction runs in a fixed order for a given (B, D, dtype): deterministic run to run.
 
@@ -37,9 +37,9 @@ Numerics
 Loads are upcast to C before any arithmetic; accumulators are in C; the operation order is the
 reference's (``sqrt(d*d + c*c) - c`` with c*c formed in float64 on the host and rounded once to C, as
 torch does with a Python scalar; ``(k d) / sqrt(...)``). sqrt and division are IEEE round-to-nearest
-(``sqrt_rn``, ``div_rn`` for fp32: plain ``tl.sqrt`` and ``/`` lower to approximate instructions on
-NVIDIA; fp64 ``sqrt`` and ``/`` are already correctly rounded). bfloat16 stores round to nearest even
-by hand (``triton_utils.round_to``), NaN passed through. Every launch passes enable_fp_fusion=False:
+(``triton_utils.sqrt_rn`` and ``div_rn`` for fp32: plain ``tl.sqrt`` and ``/`` lower to approximate
+instructions on NVIDIA; fp64 ``sqrt`` and ``/`` are already correctly rounded). bfloat16 stores round
+to nearest even by hand (``triton_utils.round_out``), NaN passed through. Every launch passes enable_fp_fusion=False:
 no c1 t1 + c2 t2 or d d + c^2 contracted into an FMA (Triton's default, as nvcc's), so each operation
 rounds as in the reference. Offsets are int64 (b * batch_stride can exceed 2^31).
 
@@ -47,8 +47,6 @@ No host synchronization: shapes and flags alone decide the launch configuration.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
@@ -78,24 +76,14 @@ def _diff(pred_row, t1_row, t2_row, offs, mask, c1, c2,
 
 
 @triton.jit
-def _sqrt_rn(v, COMPUTE_DTYPE: tl.constexpr):
-    """IEEE round-to-nearest square root in the compute type."""
-    if COMPUTE_DTYPE == tl.float64:
-        s = tl.sqrt(v)
-    else:
-        s = tl.math.sqrt_rn(v)
-    return s
-
-
-@triton.jit
-def _round_out(v, OUT_DTYPE: tl.constexpr):
-    """v rounded to the output dtype (nearest even), NaN kept (round_to's bf16 path needs no NaN)."""
-    if OUT_DTYPE == tl.bfloat16:
-        nan = v != v
-        out = tl.where(nan, v.to(OUT_DTYPE), triton_utils.round_to(tl.where(nan, 0.0, v), OUT_DTYPE))
-    else:
-        out = v.to(OUT_DTYPE)
-    return out
+def _coefs(coef_ptr, b, HAS_COEF: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """(c1_b, c2_b) in the compute type: coef[b] when given, else (1, 0) (unused then)."""
+    c1 = tl.full([], 1.0, COMPUTE_DTYPE)
+    c2 = tl.full([], 0.0, COMPUTE_DTYPE)
+    if HAS_COEF:
+        c1 = tl.load(coef_ptr + 2 * b).to(COMPUTE_DTYPE)
+        c2 = tl.load(coef_ptr + 2 * b + 1).to(COMPUTE_DTYPE)
+    return c1, c2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,11 +111,7 @@ def _k3_partials(
     chunk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
 
-    c1 = tl.full([], 1.0, COMPUTE_DTYPE)
-    c2 = tl.full([], 0.0, COMPUTE_DTYPE)
-    if HAS_COEF:
-        c1 = tl.load(coef_ptr + 2 * b).to(COMPUTE_DTYPE)
-        c2 = tl.load(coef_ptr + 2 * b + 1).to(COMPUTE_DTYPE)
+    c1, c2 = _coefs(coef_ptr, b, HAS_COEF, COMPUTE_DTYPE)
     c_c = tl.full([], c, COMPUTE_DTYPE)
     cc_c = tl.full([], cc, COMPUTE_DTYPE)
     pred_row = pred_ptr + b * pred_bstride
@@ -142,24 +126,11 @@ def _k3_partials(
         mask = offs < D
         d = _diff(pred_row, t1_row, t2_row, offs, mask, c1, c2, HAS_COEF, HAS_T2, COMPUTE_DTYPE)
         if KIND == 1:
-            v = _sqrt_rn(d * d + cc_c, COMPUTE_DTYPE) - c_c
+            v = triton_utils.sqrt_rn(d * d + cc_c, COMPUTE_DTYPE) - c_c
         else:
             v = d * d
         acc += tl.where(mask, v, 0.0)
     tl.store(ws_ptr + b * n_chunks + chunk, tl.sum(acc, axis=0))
-
-
-@triton.jit
-def _reduce_rows(
-    ws_ptr,                                 # in: [R, n] partials (contiguous)
-    out_ptr,                                # out: [R] their sums
-    n,
-    N_POW2: tl.constexpr,                   # power of two >= n
-):
-    row = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, N_POW2)
-    parts = tl.load(ws_ptr + row * n + i, mask=i < n, other=0.0)
-    tl.store(out_ptr + row, tl.sum(parts, axis=0))
 
 
 @triton.jit
@@ -184,11 +155,7 @@ def _k3_grad(
     tile = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
 
-    c1 = tl.full([], 1.0, COMPUTE_DTYPE)
-    c2 = tl.full([], 0.0, COMPUTE_DTYPE)
-    if HAS_COEF:
-        c1 = tl.load(coef_ptr + 2 * b).to(COMPUTE_DTYPE)
-        c2 = tl.load(coef_ptr + 2 * b + 1).to(COMPUTE_DTYPE)
+    c1, c2 = _coefs(coef_ptr, b, HAS_COEF, COMPUTE_DTYPE)
     k = tl.load(k_ptr + b).to(COMPUTE_DTYPE)
 
     offs = tile * BLOCK + tl.arange(0, BLOCK)
@@ -197,76 +164,30 @@ def _k3_grad(
               c1, c2, HAS_COEF, HAS_T2, COMPUTE_DTYPE)
     g = k * d
     if KIND == 1:
-        g = triton_utils.div_rn(g, _sqrt_rn(d * d + tl.full([], cc, COMPUTE_DTYPE), COMPUTE_DTYPE),
+        g = triton_utils.div_rn(g, triton_utils.sqrt_rn(d * d + tl.full([], cc, COMPUTE_DTYPE), COMPUTE_DTYPE),
                                 COMPUTE_DTYPE)
-    tl.store(g_ptr + b * D + offs, _round_out(g, g_ptr.dtype.element_ty), mask=mask)
+    triton_utils.store_rounded(g_ptr + b * D + offs, g, mask)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch heuristic (static: depends only on B and D; the constants are tuning unless marked otherwise)
+# Launchers (launch heuristic: triton_utils' defaults)
 # ----------------------------------------------------------------------------------------------------
 
-_MAX_BLOCK = 1024        # tuning: elements per tile (8 per thread at 4 warps: 16-byte loads for 16-bit)
-_MIN_BLOCK = 128         # tuning: one element per thread at 4 warps
-_NUM_WARPS = 4           # tuning
-# enable_fp_fusion=False on every launch: no mul+add contracted into an FMA, so each product and sum
-# rounds as in the reference (elementwise results bit-identical to it in float64); free here (memory bound).
-_TARGET_PROGRAMS = 528   # tuning: ~4 programs per SM on a 132-SM H100, summed over the B rows
-_MAX_CHUNKS = 1024       # cap on programs per row (the reduce kernel holds a row's partials in one tile)
-_MAX_GRID_Y = 65535      # CUDA limit on gridDim.y (rows per launch); correctness, not tuning
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _block(D: int) -> int:
-    return min(_MAX_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(D)))
-
-
-def _launch_config(B: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK, chunk_size, n_chunks) of the forward; chunk_size is a multiple of BLOCK."""
-    block = _block(D)
-    tiles = _cdiv(D, block)
-    tiles_per_chunk = max(_cdiv(tiles, _cdiv(_TARGET_PROGRAMS, B)), _cdiv(tiles, _MAX_CHUNKS))
-    n_chunks = _cdiv(tiles, tiles_per_chunk)
-    return block, tiles_per_chunk * block, n_chunks
-
-
-# ----------------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------------
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_OP = "regression"
 _KINDS = (0, 1, 2)
 
 
 def _check(pred2, t12, t22, coef, kind, k=None):
-    if pred2.dtype not in _DTYPES or pred2.dim() != 2:
-        raise ValueError(f"regression (triton): pred must be a 2-D float tensor, got {tuple(pred2.shape)} "
-                         f"{pred2.dtype}")
+    triton_utils.check_lead(_OP, "pred", pred2)
     if kind not in _KINDS:
         raise ValueError(f"regression (triton): kind must be one of {_KINDS}, got {kind!r}")
     for name, t in (("pred", pred2), ("t1", t12), ("t2", t22)):
-        if t is None:
-            continue
-        if t.dim() != 2 or t.shape != pred2.shape or t.dtype != pred2.dtype or t.device != pred2.device:
-            raise ValueError(f"regression (triton): '{name}' must be [B, D] like pred {tuple(pred2.shape)} "
-                             f"{pred2.dtype} {pred2.device}; got {tuple(t.shape)} {t.dtype} {t.device}")
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise ValueError(f"regression (triton): '{name}' rows must be unit-stride; got strides {t.stride()}")
+        triton_utils.check_rows(_OP, name, t, "pred", pred2)
     B = pred2.shape[0]
-    cdt = torch.float64 if pred2.dtype == torch.float64 else torch.float32
+    cdt = triton_utils.compute_dtype(pred2.dtype)
     for name, t, shape in (("coef", coef, (B, 2)), ("k", k, (B,))):
-        if t is not None and (t.shape != shape or t.dtype != cdt or t.device != pred2.device
-                              or not t.is_contiguous()):
-            raise ValueError(f"regression (triton): '{name}' must be a contiguous {list(shape)} tensor of "
-                             f"{cdt} on {pred2.device}; got {tuple(t.shape)} {t.dtype} {t.device}")
+        triton_utils.check_per_sample(_OP, name, t, shape, cdt, pred2.device)
     return cdt
-
-
-def _guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def forward(pred2, t12, t22, coef, kind: int, c: float) -> torch.Tensor:
@@ -281,28 +202,25 @@ def forward(pred2, t12, t22, coef, kind: int, c: float) -> torch.Tensor:
     if B == 0 or D == 0:  # shape-only branch: sums over no elements
         return sums.zero_()
 
-    block, chunk_size, n_chunks = _launch_config(B, D)
+    block, chunk_size, n_chunks = triton_utils.launch_config(B, D)
     ws = sums.view(B, 1) if n_chunks == 1 else torch.empty((B, n_chunks), dtype=cdt, device=pred2.device)
     has_coef = coef is not None
     has_t2 = has_coef and t22 is not None
-    t2 = t22 if has_t2 else pred2  # dummy pointer, never read
-    compute = tl.float64 if cdt == torch.float64 else tl.float32
+    t2 = t22 if has_t2 else None
     c = float(c)
-    with _guard(pred2):
-        for b0 in range(0, B, _MAX_GRID_Y):  # more than one launch only when B > 65535
-            b1 = min(B, b0 + _MAX_GRID_Y)
-            p_s, t1_s, t2_s = pred2[b0:b1], t12[b0:b1], t2[b0:b1]
+    rows, vec = triton_utils.rows, triton_utils.vec  # absent inputs -> dummy pointers pred2, ws, never read
+    with triton_utils.device_guard(pred2):
+        for b0, b1 in triton_utils.row_batches(B):  # more than one launch only when B > 65535
             _k3_partials[(n_chunks, b1 - b0)](
-                p_s, p_s.stride(0), t1_s, t1_s.stride(0), t2_s, t2_s.stride(0) if has_t2 else 0,
-                coef[b0:b1] if has_coef else ws, ws[b0:b1],
+                *rows(pred2, b0, b1, pred2), *rows(t12, b0, b1, pred2), *rows(t2, b0, b1, pred2),
+                vec(coef, b0, b1, ws), ws[b0:b1],
                 c, c * c,
                 D, chunk_size, n_chunks,
-                HAS_COEF=has_coef, HAS_T2=has_t2, KIND=int(kind), COMPUTE_DTYPE=compute, BLOCK=block,
-                num_warps=_NUM_WARPS, enable_fp_fusion=False,
+                HAS_COEF=has_coef, HAS_T2=has_t2, KIND=int(kind), COMPUTE_DTYPE=triton_utils.tl_compute(cdt),
+                BLOCK=block, num_warps=triton_utils.NUM_WARPS, enable_fp_fusion=False,
             )
         if n_chunks > 1:
-            _reduce_rows[(B,)](ws, sums, n_chunks, N_POW2=triton.next_power_of_2(n_chunks),
-                               num_warps=_NUM_WARPS, enable_fp_fusion=False)
+            triton_utils.sum_partials(ws, sums, B, n_chunks)
     return sums
 
 
@@ -317,22 +235,20 @@ def backward(pred2, t12, t22, coef, kind: int, c: float, k) -> torch.Tensor:
     if B == 0 or D == 0:
         return g
 
-    block = _block(D)
+    block = triton_utils.block_size(D)
     has_coef = coef is not None
     has_t2 = has_coef and t22 is not None
-    t2 = t22 if has_t2 else pred2  # dummy pointer, never read
-    compute = tl.float64 if pred2.dtype == torch.float64 else tl.float32
+    t2 = t22 if has_t2 else None
     c = float(c)
-    with _guard(pred2):
-        for b0 in range(0, B, _MAX_GRID_Y):  # more than one launch only when B > 65535
-            b1 = min(B, b0 + _MAX_GRID_Y)
-            p_s, t1_s, t2_s = pred2[b0:b1], t12[b0:b1], t2[b0:b1]
-            _k3_grad[(_cdiv(D, block), b1 - b0)](
-                p_s, p_s.stride(0), t1_s, t1_s.stride(0), t2_s, t2_s.stride(0) if has_t2 else 0,
-                coef[b0:b1] if has_coef else k, k[b0:b1], g[b0:b1],
+    rows, vec = triton_utils.rows, triton_utils.vec  # absent inputs -> dummy pointers pred2, k, never read
+    with triton_utils.device_guard(pred2):
+        for b0, b1 in triton_utils.row_batches(B):  # more than one launch only when B > 65535
+            _k3_grad[(triton_utils.cdiv(D, block), b1 - b0)](
+                *rows(pred2, b0, b1, pred2), *rows(t12, b0, b1, pred2), *rows(t2, b0, b1, pred2),
+                vec(coef, b0, b1, k), k[b0:b1], g[b0:b1],
                 c * c,
                 D,
-                HAS_COEF=has_coef, HAS_T2=has_t2, KIND=int(kind), COMPUTE_DTYPE=compute, BLOCK=block,
-                num_warps=_NUM_WARPS, enable_fp_fusion=False,
+                HAS_COEF=has_coef, HAS_T2=has_t2, KIND=int(kind), COMPUTE_DTYPE=triton_utils.tl_compute(pred2.dtype),
+                BLOCK=block, num_warps=triton_utils.NUM_WARPS, enable_fp_fusion=False,
             )
     return g

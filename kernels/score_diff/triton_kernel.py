@@ -71,9 +71,6 @@ captured in a CUDA graph (after a warm-up call has compiled the kernels).
 
 from __future__ import annotations
 
-import contextlib
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -84,28 +81,8 @@ __all__ = ["forward"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Device helpers (inlined into both kernels, so that both compute b̄ and r identically)
+# Kernels (both form b̄ and r with triton_utils.weight and triton_utils.cfg, inlined: identically)
 # ----------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _weight(w_ptr, w_scalar, b, PER_SAMPLE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """w_b in the compute type: w_ptr[b] when per-sample, else the scalar argument."""
-    if PER_SAMPLE:
-        w = tl.load(w_ptr + b).to(COMPUTE_DTYPE)
-    else:
-        w = tl.full([], w_scalar, COMPUTE_DTYPE)
-    return w
-
-
-@triton.jit
-def _cfg(p_row, pu_row, offs, mask, w, HAS_UNCOND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """cfg(p) = p_u + w (p - p_u) when guided, else p; in the compute type."""
-    p = tl.load(p_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    if HAS_UNCOND:
-        pu = tl.load(pu_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        p = pu + w * (p - pu)
-    return p
-
 
 @triton.jit
 def _k1_norm_partials(
@@ -131,7 +108,7 @@ def _k1_norm_partials(
     chunk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
 
-    wbv = _weight(wb_ptr, wb, b, PER_SAMPLE_WB, COMPUTE_DTYPE)
+    wbv = triton_utils.weight(wb_ptr, wb, b, PER_SAMPLE_WB, COMPUTE_DTYPE)
     if HAS_XT:
         A = tl.load(coef_ptr + 2 * b).to(COMPUTE_DTYPE)
         C = tl.load(coef_ptr + 2 * b + 1).to(COMPUTE_DTYPE)
@@ -147,7 +124,7 @@ def _k1_norm_partials(
         offs = start + t + cols
         mask = offs < D
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        r = _cfg(b_row, bu_row, offs, mask, wbv, HAS_BU, COMPUTE_DTYPE)
+        r = triton_utils.cfg(b_row, bu_row, offs, mask, wbv, HAS_BU, COMPUTE_DTYPE)
         if HAS_XT:
             xt = tl.load(xt_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
             r = A * xt + C * r
@@ -210,8 +187,8 @@ def _k1_grad(
         hi = tl.full([], clip, COMPUTE_DTYPE)
         lo = -hi
 
-    wav = _weight(wa_ptr, wa, b, PER_SAMPLE_WA, COMPUTE_DTYPE)
-    wbv = _weight(wb_ptr, wb, b, PER_SAMPLE_WB, COMPUTE_DTYPE)
+    wav = triton_utils.weight(wa_ptr, wa, b, PER_SAMPLE_WA, COMPUTE_DTYPE)
+    wbv = triton_utils.weight(wb_ptr, wb, b, PER_SAMPLE_WB, COMPUTE_DTYPE)
     a_row = a_ptr + b * a_bstride
     au_row = au_ptr + b * au_bstride
     b_row = b_ptr + b * b_bstride
@@ -223,8 +200,8 @@ def _k1_grad(
     for t in range(0, chunk_size, BLOCK):
         offs = start + t + cols
         mask = offs < D
-        abar = _cfg(a_row, au_row, offs, mask, wav, HAS_AU, COMPUTE_DTYPE)
-        bbar = _cfg(b_row, bu_row, offs, mask, wbv, HAS_BU, COMPUTE_DTYPE)
+        abar = triton_utils.cfg(a_row, au_row, offs, mask, wav, HAS_AU, COMPUTE_DTYPE)
+        bbar = triton_utils.cfg(b_row, bu_row, offs, mask, wbv, HAS_BU, COMPUTE_DTYPE)
         d = abar - bbar
         if HAS_XT:
             d = C * d
@@ -242,58 +219,25 @@ def _k1_grad(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch heuristic (static: depends only on B and D; the constants are tuning unless marked otherwise)
+# Launch heuristic (triton_utils' "Launch heuristic", with this op's own cap and chunk floor)
 # ----------------------------------------------------------------------------------------------------
 
-_MAX_BLOCK = 1024        # tuning: elements per tile (8 per thread at 4 warps: 16-byte loads for 16-bit)
-_MIN_BLOCK = 128         # tuning: one element per thread at 4 warps
-_NUM_WARPS = 4           # tuning
-# enable_fp_fusion=False on every launch: no mul+add contracted into an FMA, so each product and sum
-# rounds as in the reference (elementwise results bit-identical to it in float64); free here (memory bound).
-_TARGET_PROGRAMS = 528   # tuning: ~4 programs per SM on a 132-SM H100, summed over the B rows
 _MAX_CHUNKS = 1024       # cap on programs per row (kernel 2 re-reads all n_chunks partials of its row)
-_MAX_GRID_Y = 65535      # CUDA limit on gridDim.y (rows per launch); correctness, not tuning
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+# keep the chunk >= 8 * n_chunks elements so that kernel 2's re-read of the row's n_chunks partials
+# stays a few percent of its traffic
+_CHUNK_PER_PARTIAL = 8
 
 
 def _launch_config(B: int, D: int) -> tuple[int, int, int]:
     """(BLOCK, chunk_size, n_chunks) for B rows of D elements; chunk_size is a multiple of BLOCK."""
-    block = min(_MAX_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(D)))
-    tiles = _cdiv(D, block)
-    tiles_per_chunk = max(
-        _cdiv(tiles, _cdiv(_TARGET_PROGRAMS, B)),  # enough programs to fill the GPU, no more
-        _cdiv(tiles, _MAX_CHUNKS),
-        # keep the chunk >= 8 * n_chunks elements so that kernel 2's re-read of the row's n_chunks
-        # partials stays a few percent of its traffic: tpc * block >= 8 * tiles / tpc
-        math.isqrt(max(_cdiv(8 * tiles, block), 1) - 1) + 1,
-    )
-    n_chunks = _cdiv(tiles, tiles_per_chunk)
-    return block, tiles_per_chunk * block, n_chunks
+    return triton_utils.launch_config(B, D, max_chunks=_MAX_CHUNKS, chunk_per_partial=_CHUNK_PER_PARTIAL)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _check_rows(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
-    if t.dim() != 2 or t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
-        raise ValueError(f"score_diff (triton): '{name}' must be [B, D] like a {tuple(ref.shape)} {ref.dtype} "
-                         f"{ref.device}; got {tuple(t.shape)} {t.dtype} {t.device}")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"score_diff (triton): '{name}' rows must be unit-stride (stride(1) == 1); "
-                         f"got strides {t.stride()}")
-
-
-def _check_per_sample(name: str, t: torch.Tensor, shape: tuple, cdt: torch.dtype, device) -> None:
-    if t.shape != shape or t.dtype != cdt or t.device != device or not t.is_contiguous():
-        raise ValueError(f"score_diff (triton): '{name}' must be a contiguous {list(shape)} tensor of {cdt} "
-                         f"on {device}; got {tuple(t.shape)} {t.dtype} {t.device} strides {t.stride()}")
+_OP = "score_diff"
 
 
 def forward(x2, a2, a_u2, wa_t, wa: float, b2, b_u2, wb_t, wb: float, xt2, coef, scale,
@@ -306,22 +250,18 @@ def forward(x2, a2, a_u2, wa_t, wa: float, b2, b_u2, wb_t, wb: float, xt2, coef,
     loss as a 0-d tensor of the compute dtype and g as a new contiguous [B, D] tensor of a2's dtype.
     Launch-only: no host synchronization.
     """
-    if a2.dtype not in _DTYPES or a2.dim() != 2:
-        raise ValueError(f"score_diff (triton): a must be a 2-D float tensor, got {tuple(a2.shape)} {a2.dtype}")
-    rows = {"a": a2, "b": b2, "a_u": a_u2, "b_u": b_u2, "xt": xt2, "x": x2 if norm else None}
-    for name, t in rows.items():
-        if t is not None:
-            _check_rows(name, t, a2)
+    triton_utils.check_lead(_OP, "a", a2)
+    for name, t in (("a", a2), ("b", b2), ("a_u", a_u2), ("b_u", b_u2), ("xt", xt2), ("x", x2 if norm else None)):
+        triton_utils.check_rows(_OP, name, t, "a", a2)
     if norm and x2 is None:
         raise ValueError("score_diff (triton): norm needs x")
     if (xt2 is None) != (coef is None):
         raise ValueError("score_diff (triton): xt and coef come together")
     B, D = a2.shape
     dev = a2.device
-    cdt = torch.float64 if a2.dtype == torch.float64 else torch.float32
+    cdt = triton_utils.compute_dtype(a2.dtype)
     for name, t, shape in (("wa", wa_t, (B,)), ("wb", wb_t, (B,)), ("coef", coef, (B, 2)), ("scale", scale, (B,))):
-        if t is not None:
-            _check_per_sample(name, t, shape, cdt, dev)
+        triton_utils.check_per_sample(_OP, name, t, shape, cdt, dev)
 
     g = native.empty((B, D), a2.dtype, dev)
     if B == 0 or D == 0:  # shape-only branch: the sum over no elements
@@ -334,26 +274,18 @@ def forward(x2, a2, a_u2, wa_t, wa: float, b2, b_u2, wb_t, wb: float, xt2, coef,
     has_au, has_bu = a_u2 is not None, b_u2 is not None
     ps_wa, ps_wb = has_au and wa_t is not None, has_bu and wb_t is not None
     has_xt, has_scale, do_clip = xt2 is not None, scale is not None, clip > 0
-    compute = tl.float64 if cdt == torch.float64 else tl.float32
-    flags = dict(HAS_BU=has_bu, PER_SAMPLE_WB=ps_wb, HAS_XT=has_xt, COMPUTE_DTYPE=compute, BLOCK=block,
-                 num_warps=_NUM_WARPS, enable_fp_fusion=False)
+    flags = dict(HAS_BU=has_bu, PER_SAMPLE_WB=ps_wb, HAS_XT=has_xt, COMPUTE_DTYPE=triton_utils.tl_compute(cdt),
+                 BLOCK=block, num_warps=triton_utils.NUM_WARPS, enable_fp_fusion=False)
+    rows, vec = triton_utils.rows, triton_utils.vec  # absent inputs -> dummy pointers a2, ws1, never read
 
-    def rows_of(t, b0, b1):  # (slice, batch stride); absent -> a dummy pointer, never read
-        return (t[b0:b1], t.stride(0)) if t is not None else (a2, 0)
-
-    def vec_of(t, b0, b1):
-        return t[b0:b1] if t is not None else ws1
-
-    guard = torch.cuda.device(dev) if a2.is_cuda else contextlib.nullcontext()
-    with guard:
-        for b0 in range(0, B, _MAX_GRID_Y):  # more than one launch per kernel only when B > 65535
-            b1 = min(B, b0 + _MAX_GRID_Y)
+    with triton_utils.device_guard(a2):
+        for b0, b1 in triton_utils.row_batches(B):  # more than one launch per kernel only when B > 65535
             grid = (n_chunks, b1 - b0)
-            a_s, au_s, b_s, bu_s = (rows_of(t, b0, b1) for t in (a2, a_u2, b2, b_u2))
-            wa_s, wb_s, coef_s, scale_s = (vec_of(t, b0, b1) for t in (wa_t, wb_t, coef, scale))
+            a_s, au_s, b_s, bu_s = (rows(t, b0, b1, a2) for t in (a2, a_u2, b2, b_u2))
+            wa_s, wb_s, coef_s, scale_s = (vec(t, b0, b1, ws1) for t in (wa_t, wb_t, coef, scale))
             w1, w2, g_s = ws1[b0:b1], ws2[b0:b1], g[b0:b1]
             if norm:
-                x_s, xt_s = rows_of(x2, b0, b1), rows_of(xt2, b0, b1)
+                x_s, xt_s = rows(x2, b0, b1, a2), rows(xt2, b0, b1, a2)
                 _k1_norm_partials[grid](
                     *x_s, *b_s, *bu_s, wb_s, *xt_s, coef_s, w1,
                     float(wb),

@@ -19,8 +19,8 @@ Passes
 ------
     forward   _k2_partials  grid (n_chunks, B): the three partial sums over one chunk of row b
                             -> ws[b, k, chunk]
-              _reduce_rows  grid (3 B,): each [b, k] row of n_chunks partials summed in one fixed order
-                            (skipped when n_chunks == 1: the partials are the sums)
+              reduce_rows   grid (3 B,): each [b, k] row of n_chunks partials summed in one fixed order
+                            (skipped when n_chunks == 1: the partials are the sums; triton_utils.reduce_rows)
     backward  _k2_grads     grid (tiles, B): elementwise, one BLOCK per program
 Every reduction runs in a fixed order for a given (B, D, dtype): deterministic run to run.
 
@@ -39,7 +39,7 @@ Numerics
 Loads are upcast to C before any arithmetic; accumulators are in C; the operation order is the
 reference's. The scalar guidance w and its complement 1 - w are computed in float64 on the host and
 rounded once to C in the kernel (the reference's ``(1 - w) * G`` with a Python float w); a per-sample
-w gives 1 - w in C. bfloat16 stores round to nearest even by hand (``triton_utils.round_to``), NaN
+w gives 1 - w in C. bfloat16 stores round to nearest even by hand (``triton_utils.round_out``), NaN
 passed through. Every launch passes enable_fp_fusion=False: no product and sum contracted into an
 FMA (Triton's default, as nvcc's), so each operation rounds as in the reference (with cancellation in
 y or in P u + Q y an FMA would move the result by many ulps of it). Offsets are int64
@@ -49,9 +49,6 @@ No host synchronization: shapes and flags alone decide the launch configuration.
 """
 
 from __future__ import annotations
-
-import contextlib
-import math
 
 import torch
 import triton
@@ -63,44 +60,36 @@ __all__ = ["forward", "backward"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Device helpers
+# Device helpers (the shared ones, guidance and rounding, are in triton_utils)
 # ----------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _weight(w_ptr, w_scalar, b, PER_SAMPLE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """w_b in the compute type: w_ptr[b] when per-sample, else the scalar argument."""
-    if PER_SAMPLE:
-        w = tl.load(w_ptr + b).to(COMPUTE_DTYPE)
-    else:
-        w = tl.full([], w_scalar, COMPUTE_DTYPE)
-    return w
-
-
-@triton.jit
-def _cfg(p_row, pu_row, offs, mask, w, HAS_UNCOND: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
-    """cfg(p) = p_u + w (p - p_u) when guided, else p; in the compute type."""
-    p = tl.load(p_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    if HAS_UNCOND:
-        pu = tl.load(pu_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        p = pu + w * (p - pu)
-    return p
-
-
-@triton.jit
-def _round_out(v, OUT_DTYPE: tl.constexpr):
-    """v rounded to the output dtype (nearest even), NaN kept (round_to's bf16 path needs no NaN)."""
-    if OUT_DTYPE == tl.bfloat16:
-        nan = v != v
-        out = tl.where(nan, v.to(OUT_DTYPE), triton_utils.round_to(tl.where(nan, 0.0, v), OUT_DTYPE))
-    else:
-        out = v.to(OUT_DTYPE)
-    return out
-
 
 @triton.jit
 def _store(ptrs, v, dropped, mask):
     """v (exact zeros for a dropped sample) rounded to the output's dtype."""
-    tl.store(ptrs, _round_out(tl.where(dropped, 0.0, v), ptrs.dtype.element_ty), mask=mask)
+    triton_utils.store_rounded(ptrs, tl.where(dropped, 0.0, v), mask)
+
+
+@triton.jit
+def _weight_c(w, w_c, PER_SAMPLE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """1 - w_b: in the compute type from a per-sample w_b, else the host's float64 1 - w rounded once."""
+    if PER_SAMPLE:
+        c = 1 - w
+    else:
+        c = tl.full([], w_c, COMPUTE_DTYPE)
+    return c
+
+
+@triton.jit
+def _store_split(g_ptr, gu_ptr, out, G, w, w_c, dropped, mask,
+                 HAS_U: tl.constexpr, NEED_G: tl.constexpr, NEED_GU: tl.constexpr):
+    """The gradient G of a guided prediction split over p and p_u: w G and (1 - w) G; G itself unguided."""
+    if NEED_G:
+        v = G
+        if HAS_U:
+            v = w * G
+        _store(g_ptr + out, v, dropped, mask)
+    if NEED_GU:
+        _store(gu_ptr + out, w_c * G, dropped, mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,8 +120,8 @@ def _k2_partials(
     chunk = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
 
-    wrv = _weight(wr_ptr, wr, b, PER_SAMPLE_WR, COMPUTE_DTYPE)
-    wfv = _weight(wf_ptr, wf, b, PER_SAMPLE_WF, COMPUTE_DTYPE)
+    wrv = triton_utils.weight(wr_ptr, wr, b, PER_SAMPLE_WR, COMPUTE_DTYPE)
+    wfv = triton_utils.weight(wf_ptr, wf, b, PER_SAMPLE_WF, COMPUTE_DTYPE)
     x_row = x_ptr + b * x_bstride
     r_row = r_ptr + b * r_bstride
     ru_row = ru_ptr + b * ru_bstride
@@ -148,8 +137,8 @@ def _k2_partials(
         offs = start + t + cols
         mask = offs < D
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        rb = _cfg(r_row, ru_row, offs, mask, wrv, HAS_RU, COMPUTE_DTYPE)
-        fb = _cfg(f_row, fu_row, offs, mask, wfv, HAS_FU, COMPUTE_DTYPE)
+        rb = triton_utils.cfg(r_row, ru_row, offs, mask, wrv, HAS_RU, COMPUTE_DTYPE)
+        fb = triton_utils.cfg(f_row, fu_row, offs, mask, wfv, HAS_FU, COMPUTE_DTYPE)
         y = rb - fb
         u = fb - x
         acc_abs += tl.where(mask, tl.abs(x - rb), 0.0)
@@ -159,19 +148,6 @@ def _k2_partials(
     tl.store(base, tl.sum(acc_abs, axis=0))
     tl.store(base + n_chunks, tl.sum(acc_yy, axis=0))
     tl.store(base + 2 * n_chunks, tl.sum(acc_yu, axis=0))
-
-
-@triton.jit
-def _reduce_rows(
-    ws_ptr,                                 # in: [R, n] partials (contiguous)
-    out_ptr,                                # out: [R] their sums
-    n,
-    N_POW2: tl.constexpr,                   # power of two >= n
-):
-    row = tl.program_id(0).to(tl.int64)
-    i = tl.arange(0, N_POW2)
-    parts = tl.load(ws_ptr + row * n + i, mask=i < n, other=0.0)
-    tl.store(out_ptr + row, tl.sum(parts, axis=0))
 
 
 @triton.jit
@@ -205,21 +181,15 @@ def _k2_grads(
     P = tl.load(coef_ptr + 2 * b).to(COMPUTE_DTYPE)
     Q = tl.load(coef_ptr + 2 * b + 1).to(COMPUTE_DTYPE)
     dropped = (P == 0) & (Q == 0)
-    wrv = _weight(wr_ptr, wr, b, PER_SAMPLE_WR, COMPUTE_DTYPE)
-    wfv = _weight(wf_ptr, wf, b, PER_SAMPLE_WF, COMPUTE_DTYPE)
-    if PER_SAMPLE_WR:
-        wr_cv = 1 - wrv
-    else:
-        wr_cv = tl.full([], wr_c, COMPUTE_DTYPE)
-    if PER_SAMPLE_WF:
-        wf_cv = 1 - wfv
-    else:
-        wf_cv = tl.full([], wf_c, COMPUTE_DTYPE)
+    wrv = triton_utils.weight(wr_ptr, wr, b, PER_SAMPLE_WR, COMPUTE_DTYPE)
+    wfv = triton_utils.weight(wf_ptr, wf, b, PER_SAMPLE_WF, COMPUTE_DTYPE)
+    wr_cv = _weight_c(wrv, wr_c, PER_SAMPLE_WR, COMPUTE_DTYPE)
+    wf_cv = _weight_c(wfv, wf_c, PER_SAMPLE_WF, COMPUTE_DTYPE)
 
     offs = tile * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
-    rb = _cfg(r_ptr + b * r_bstride, ru_ptr + b * ru_bstride, offs, mask, wrv, HAS_RU, COMPUTE_DTYPE)
-    fb = _cfg(f_ptr + b * f_bstride, fu_ptr + b * fu_bstride, offs, mask, wfv, HAS_FU, COMPUTE_DTYPE)
+    rb = triton_utils.cfg(r_ptr + b * r_bstride, ru_ptr + b * ru_bstride, offs, mask, wrv, HAS_RU, COMPUTE_DTYPE)
+    fb = triton_utils.cfg(f_ptr + b * f_bstride, fu_ptr + b * fu_bstride, offs, mask, wfv, HAS_FU, COMPUTE_DTYPE)
     y = rb - fb
     Gx = -P * y
     out = b * D + offs
@@ -229,93 +199,27 @@ def _k2_grads(
         x = tl.load(x_ptr + b * x_bstride + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         u = fb - x
         Gr = P * u + Q * y
-        if NEED_GR:
-            v = Gr
-            if HAS_RU:
-                v = wrv * Gr
-            _store(gr_ptr + out, v, dropped, mask)
-        if NEED_GRU:
-            _store(gru_ptr + out, wr_cv * Gr, dropped, mask)
+        _store_split(gr_ptr, gru_ptr, out, Gr, wrv, wr_cv, dropped, mask, HAS_RU, NEED_GR, NEED_GRU)
         Gf = -(Gx + Gr)
-        if NEED_GF:
-            v = Gf
-            if HAS_FU:
-                v = wfv * Gf
-            _store(gf_ptr + out, v, dropped, mask)
-        if NEED_GFU:
-            _store(gfu_ptr + out, wf_cv * Gf, dropped, mask)
+        _store_split(gf_ptr, gfu_ptr, out, Gf, wfv, wf_cv, dropped, mask, HAS_FU, NEED_GF, NEED_GFU)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launch heuristic (static: depends only on B and D; the constants are tuning unless marked otherwise)
+# Launchers (launch heuristic: triton_utils' defaults)
 # ----------------------------------------------------------------------------------------------------
 
-_MAX_BLOCK = 1024        # tuning: elements per tile (8 per thread at 4 warps: 16-byte loads for 16-bit)
-_MIN_BLOCK = 128         # tuning: one element per thread at 4 warps
-_NUM_WARPS = 4           # tuning
-# enable_fp_fusion=False on every launch: no mul+add contracted into an FMA, so each product and sum
-# rounds as in the reference (elementwise results bit-identical to it in float64); free here (memory bound).
-_TARGET_PROGRAMS = 528   # tuning: ~4 programs per SM on a 132-SM H100, summed over the B rows
-_MAX_CHUNKS = 1024       # cap on programs per row (the reduce kernel holds a row's partials in one tile)
-_MAX_GRID_Y = 65535      # CUDA limit on gridDim.y (rows per launch); correctness, not tuning
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _block(D: int) -> int:
-    return min(_MAX_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(D)))
-
-
-def _launch_config(B: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK, chunk_size, n_chunks) of the forward; chunk_size is a multiple of BLOCK."""
-    block = _block(D)
-    tiles = _cdiv(D, block)
-    tiles_per_chunk = max(_cdiv(tiles, _cdiv(_TARGET_PROGRAMS, B)), _cdiv(tiles, _MAX_CHUNKS))
-    n_chunks = _cdiv(tiles, tiles_per_chunk)
-    return block, tiles_per_chunk * block, n_chunks
-
-
-# ----------------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------------
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_OP = "score_identity"
 
 
 def _check(x2, r2, r_u2, wr_t, f2, f_u2, wf_t, coef=None):
-    if x2.dtype not in _DTYPES or x2.dim() != 2:
-        raise ValueError(f"score_identity (triton): x must be a 2-D float tensor, got {tuple(x2.shape)} {x2.dtype}")
+    triton_utils.check_lead(_OP, "x", x2)
     for name, t in (("x", x2), ("r", r2), ("r_u", r_u2), ("f", f2), ("f_u", f_u2)):
-        if t is None:
-            continue
-        if t.dim() != 2 or t.shape != x2.shape or t.dtype != x2.dtype or t.device != x2.device:
-            raise ValueError(f"score_identity (triton): '{name}' must be [B, D] like x {tuple(x2.shape)} "
-                             f"{x2.dtype} {x2.device}; got {tuple(t.shape)} {t.dtype} {t.device}")
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise ValueError(f"score_identity (triton): '{name}' rows must be unit-stride; got strides {t.stride()}")
+        triton_utils.check_rows(_OP, name, t, "x", x2)
     B = x2.shape[0]
-    cdt = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    cdt = triton_utils.compute_dtype(x2.dtype)
     for name, t, shape in (("wr", wr_t, (B,)), ("wf", wf_t, (B,)), ("coef", coef, (B, 2))):
-        if t is not None and (t.shape != shape or t.dtype != cdt or t.device != x2.device
-                              or not t.is_contiguous()):
-            raise ValueError(f"score_identity (triton): '{name}' must be a contiguous {list(shape)} tensor of "
-                             f"{cdt} on {x2.device}; got {tuple(t.shape)} {t.dtype} {t.device}")
+        triton_utils.check_per_sample(_OP, name, t, shape, cdt, x2.device)
     return cdt
-
-
-def _rows(t, b0, b1, dummy):
-    """(slice, batch stride) of a [B, D] input; absent -> a dummy pointer, never read."""
-    return (t[b0:b1], t.stride(0)) if t is not None else (dummy, 0)
-
-
-def _vec(t, b0, b1, dummy):
-    return t[b0:b1] if t is not None else dummy
-
-
-def _guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def forward(x2, r2, r_u2, wr_t, wr, f2, f_u2, wf_t, wf) -> torch.Tensor:
@@ -331,27 +235,26 @@ def forward(x2, r2, r_u2, wr_t, wr, f2, f_u2, wf_t, wf) -> torch.Tensor:
     if B == 0 or D == 0:  # shape-only branch: sums over no elements
         return sums.zero_()
 
-    block, chunk_size, n_chunks = _launch_config(B, D)
+    block, chunk_size, n_chunks = triton_utils.launch_config(B, D)
     # one chunk per row: the partials are the sums ([B, 3, 1] is sums' own layout)
     ws = sums.view(B, 3, 1) if n_chunks == 1 else torch.empty((B, 3, n_chunks), dtype=cdt, device=x2.device)
     has_ru, has_fu = r_u2 is not None, f_u2 is not None
-    compute = tl.float64 if cdt == torch.float64 else tl.float32
-    with _guard(x2):
-        for b0 in range(0, B, _MAX_GRID_Y):  # more than one launch only when B > 65535
-            b1 = min(B, b0 + _MAX_GRID_Y)
+    rows, vec = triton_utils.rows, triton_utils.vec  # absent inputs -> dummy pointers x2, ws, never read
+    with triton_utils.device_guard(x2):
+        for b0, b1 in triton_utils.row_batches(B):  # more than one launch only when B > 65535
             _k2_partials[(n_chunks, b1 - b0)](
-                *_rows(x2, b0, b1, x2), *_rows(r2, b0, b1, x2), *_rows(r_u2, b0, b1, x2),
-                _vec(wr_t, b0, b1, ws), *_rows(f2, b0, b1, x2), *_rows(f_u2, b0, b1, x2),
-                _vec(wf_t, b0, b1, ws), ws[b0:b1],
+                *rows(x2, b0, b1, x2), *rows(r2, b0, b1, x2), *rows(r_u2, b0, b1, x2),
+                vec(wr_t, b0, b1, ws), *rows(f2, b0, b1, x2), *rows(f_u2, b0, b1, x2),
+                vec(wf_t, b0, b1, ws), ws[b0:b1],
                 float(wr), float(wf),
                 D, chunk_size, n_chunks,
                 HAS_RU=has_ru, PER_SAMPLE_WR=has_ru and wr_t is not None,
                 HAS_FU=has_fu, PER_SAMPLE_WF=has_fu and wf_t is not None,
-                COMPUTE_DTYPE=compute, BLOCK=block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
+                COMPUTE_DTYPE=triton_utils.tl_compute(cdt), BLOCK=block, num_warps=triton_utils.NUM_WARPS,
+                enable_fp_fusion=False,
             )
         if n_chunks > 1:
-            _reduce_rows[(3 * B,)](ws, sums, n_chunks, N_POW2=triton.next_power_of_2(n_chunks),
-                                   num_warps=_NUM_WARPS, enable_fp_fusion=False)
+            triton_utils.sum_partials(ws, sums, 3 * B, n_chunks)
     return sums
 
 
@@ -371,24 +274,24 @@ def backward(x2, r2, r_u2, wr_t, wr, f2, f_u2, wf_t, wf, coef, need):
     if not any(want) or B == 0 or D == 0:
         return outs
 
-    block = _block(D)
-    compute = tl.float64 if x2.dtype == torch.float64 else tl.float32
+    block = triton_utils.block_size(D)
     ps_wr, ps_wf = has_ru and wr_t is not None, has_fu and wf_t is not None
     wr_f, wf_f = float(wr), float(wf)
-    with _guard(x2):
-        for b0 in range(0, B, _MAX_GRID_Y):  # more than one launch only when B > 65535
-            b1 = min(B, b0 + _MAX_GRID_Y)
+    rows, vec = triton_utils.rows, triton_utils.vec  # absent inputs -> dummy pointers x2, coef, never read
+    with triton_utils.device_guard(x2):
+        for b0, b1 in triton_utils.row_batches(B):  # more than one launch only when B > 65535
             # absent outputs point at the first wanted one (never written); all share its dtype
             first = next(o for o in outs if o is not None)[b0:b1]
             gouts = [o[b0:b1] if o is not None else first for o in outs]
-            _k2_grads[(_cdiv(D, block), b1 - b0)](
-                *_rows(x2, b0, b1, x2), *_rows(r2, b0, b1, x2), *_rows(r_u2, b0, b1, x2),
-                _vec(wr_t, b0, b1, coef), *_rows(f2, b0, b1, x2), *_rows(f_u2, b0, b1, x2),
-                _vec(wf_t, b0, b1, coef), coef[b0:b1], *gouts,
+            _k2_grads[(triton_utils.cdiv(D, block), b1 - b0)](
+                *rows(x2, b0, b1, x2), *rows(r2, b0, b1, x2), *rows(r_u2, b0, b1, x2),
+                vec(wr_t, b0, b1, coef), *rows(f2, b0, b1, x2), *rows(f_u2, b0, b1, x2),
+                vec(wf_t, b0, b1, coef), coef[b0:b1], *gouts,
                 wr_f, 1.0 - wr_f, wf_f, 1.0 - wf_f,
                 D,
                 HAS_RU=has_ru, PER_SAMPLE_WR=ps_wr, HAS_FU=has_fu, PER_SAMPLE_WF=ps_wf,
                 NEED_GX=want[0], NEED_GR=want[1], NEED_GRU=want[2], NEED_GF=want[3], NEED_GFU=want[4],
-                COMPUTE_DTYPE=compute, BLOCK=block, num_warps=_NUM_WARPS, enable_fp_fusion=False,
+                COMPUTE_DTYPE=triton_utils.tl_compute(x2.dtype), BLOCK=block, num_warps=triton_utils.NUM_WARPS,
+                enable_fp_fusion=False,
             )
     return outs
