@@ -6,13 +6,15 @@
 //             8 bytes of partials per 2048 elements): fp32 8 (12) bytes
 //   backward  reads (1 + t) s, writes gpred s: fp32 12 (16) bytes
 //   B = 64, D = 16*64*64 fp32, one target row: forward 33.6 MB, backward 50.3 MB.
-//   Not counted: the read-for-ownership of gpred where the CPU does one.
+//   Not counted: the read-for-ownership of gpred where the CPU does one: none when a call moves more
+//   than simd::kStreamMinBytes (16 MiB), whose gpred goes out with streaming stores.
 // Work per element: the target 0 (t1), 1 (c1 t1) or 3 (c1 t1 + c2 t2) flops and d 1; forward d² and
 // the accumulation 2 (kind 1: d², + c², sqrt, - c, accumulate: 5); backward k d 1 (kind 1: d², + c²,
 // sqrt, k d, division: 5). At most 9 flops (one a square root) per 12 bytes of fp32: memory-bound.
 // Measured (Zen 4 VM, 2 threads, B = 64, D = 16*64*64 fp32, median of 30; copy_ of 256 MB: 28 GB/s):
 // forward kind 0 / 1: 59 / 27 GB/s, backward 37 / 29 GB/s (the 34-50 MB partly sit in the 32 MB L3;
-// with B = 256, from DRAM: 78-111% of copy_).
+// with B = 256, from DRAM: 78-111% of copy_). Streaming gpred (B = 4, D = 16*16*60*104, against
+// ordinary stores): fp32 0.74-0.9x the time, bf16 0.9-1.0x.
 //
 // Scheme (include/flashdistill/cpu_sched.h), as score_identity.cpp: the forward's items (b, k) each
 // compute one partial sum of block k of sample b in simd::Lanes accumulators of the compute type,
@@ -33,7 +35,6 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
-#include <vector>
 
 #include "flashdistill/common.h"
 #include "flashdistill/cpu_sched.h"
@@ -46,12 +47,9 @@ namespace cpu {
 namespace {
 
 using sched::Item;
+using sched::kTile;  // fp16 rows are widened, and 16-bit gpred narrowed, in tiles this long
 using sched::Rows;
 using simd::ld;
-
-constexpr int64_t kTile = 256;  // fp16 rows are widened, and 16-bit gpred narrowed, in tiles this long
-static_assert(kTile % simd::Lanes<float>::n == 0 && sched::kBlock % kTile == 0,
-              "tiles must hold whole lane groups");
 
 // ---- lane loops over one tile (m <= kTile elements) ----------------------------------------------
 // Kind 0/2 fuse everything into one loop; kind 1 writes sqrt's argument to a tile, takes the square
@@ -141,14 +139,16 @@ double sums_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc, C c
   return simd::lanes_total(acc);
 }
 
-// gpred over the block's n elements, stored rounded to T (16-bit: through a float tile).
+// gpred over the block's n elements, stored rounded to T (16-bit: through a float tile); with
+// streaming stores (through a tile in L1) when nt.
 template <int kTarget, bool kHuber, typename T, typename C = typename Compute<T>::type>
-void grad_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc, C k, int64_t n, T* g) {
+void grad_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc, C k, int64_t n, T* g, bool nt) {
   alignas(64) C d[kTile], e[kTile], bg[kTile];
   for (int64_t t = 0; t < n; t += kTile) {
     const int64_t m = std::min(kTile, n - t);
     C* out = bg;
-    if constexpr (std::is_same<T, C>::value) out = g + t;
+    if constexpr (std::is_same<T, C>::value)
+      if (!nt) out = g + t;
     with_tile<kTarget>(pred, t1, t2, t, m, [&](auto p, auto a, auto b) {
       if constexpr (kHuber) {
         huber_arg<kTarget>(p, a, b, c1, c2, cc, m, d, e);
@@ -158,7 +158,15 @@ void grad_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc, C k, 
         l2_grad<kTarget>(p, a, b, c1, c2, k, m, out);
       }
     });
-    if constexpr (!std::is_same<T, C>::value) simd::narrow(bg, m, g + t);
+    if constexpr (std::is_same<T, C>::value) {
+      if (nt) simd::stream_copy(bg, m, g + t);
+    } else if (nt) {
+      alignas(64) T line[kTile];
+      simd::narrow(bg, m, line);
+      simd::stream_copy(line, m, g + t);
+    } else {
+      simd::narrow(bg, m, g + t);
+    }
   }
 }
 
@@ -178,16 +186,17 @@ template <typename T> struct Problem {
     return kTarget == kRegC1T1C2T2 ? t2.row(b) : t1.row(b);
   }
 
-  template <int kTarget, bool kHuber> void forward_item(const Item& it, double* partials) const {
+  // The item's partial sum, to *out.
+  template <int kTarget, bool kHuber> void forward_item(const Item& it, double* out) const {
     const int64_t b = it.b, o = it.off;
-    partials[it.idx] = sums_block<kTarget, kHuber>(pred.row(b) + o, t1.row(b) + o, t2_row<kTarget>(b) + o,
-                                                   c1<kTarget>(b), c2<kTarget>(b), cc, cr, it.n);
+    *out = sums_block<kTarget, kHuber>(pred.row(b) + o, t1.row(b) + o, t2_row<kTarget>(b) + o, c1<kTarget>(b),
+                                       c2<kTarget>(b), cc, cr, it.n);
   }
 
-  template <int kTarget, bool kHuber> void backward_item(const Item& it, const C* k, T* g) const {
+  template <int kTarget, bool kHuber> void backward_item(const Item& it, const C* k, T* g, bool nt) const {
     const int64_t b = it.b, o = it.off;
     grad_block<kTarget, kHuber>(pred.row(b) + o, t1.row(b) + o, t2_row<kTarget>(b) + o, c1<kTarget>(b),
-                                c2<kTarget>(b), cc, k[b], it.n, g + b * D + o);
+                                c2<kTarget>(b), cc, k[b], it.n, g + b * D + o, nt);
   }
 };
 
@@ -222,14 +231,10 @@ void regression_forward(int64_t dtype, int64_t B, int64_t D,
     using T = typename decltype(tag)::type;
     using C = typename Compute<T>::type;
     dispatch_variant("regression_forward", coef, t2, kind, [&](auto target, auto huber) {
-      if (B <= 0) return;
       const Problem<T> P = make_problem<T>(B, D, pred, pred_bs, t1, t1_bs, t2, t2_bs, coef, c);
-      std::vector<double> partials(size_t(B * sched::num_blocks(D)));
-      double* pp = partials.data();
-      sched::for_reduce_items(B, D, [&](const Item& it) {
-        P.template forward_item<decltype(target)::value, decltype(huber)::value>(it, pp);
+      sched::reduce<1>(B, D, reinterpret_cast<C*>(sums), [&](const Item& it, double* out) {
+        P.template forward_item<decltype(target)::value, decltype(huber)::value>(it, out);
       });
-      sched::sum_partials<1>(pp, B, D, reinterpret_cast<C*>(sums));
     });
   });
 }
@@ -249,8 +254,9 @@ void regression_backward(int64_t dtype, int64_t B, int64_t D,
       const Problem<T> P = make_problem<T>(B, D, pred, pred_bs, t1, t1_bs, t2, t2_bs, coef, c);
       const C* kp = reinterpret_cast<const C*>(k);
       T* g = reinterpret_cast<T*>(gpred);
+      const bool nt = simd::stream_outputs((t2 ? 4 : 3) * B * D * int64_t(sizeof(T)));  // pred, t1 (t2), gpred
       sched::for_elementwise_items(B, D, [&](const Item& it) {
-        P.template backward_item<decltype(target)::value, decltype(huber)::value>(it, kp, g);
+        P.template backward_item<decltype(target)::value, decltype(huber)::value>(it, kp, g, nt);
       });
     });
   });

@@ -12,7 +12,8 @@
 //   norm = 0 (SDS, VSD), one pass: reads a (+ a_u), b (+ b_u), writes g; x and xt are not read:
 //             (3 + [a_u] + [b_u]) s bytes per element, 3s for plain SDS (67.1 MB at the shape above
 //             with CFG on a).
-//   Not counted: the read-for-ownership of g where the CPU does one; per-sample arrays (B values);
+//   Not counted: the read-for-ownership of g where the CPU does one (none when g is streamed, below);
+//   per-sample arrays (B values);
 //   partial sums (16 bytes per 2048 elements); the re-read of b (+ b_u) where a sample's rows do
 //   not fit in L2.
 // Work per element: pass 1 sub, abs, add (+ sub, mul, add for CFG on b; + 2 mul, add for xt);
@@ -46,8 +47,10 @@
 //
 // 16-bit rows: bf16 loads widen inline (a shift); fp16 rows are widened per tile of kTile elements
 // (F16C, or integer code where the CPU lacks it), and 16-bit g goes through a float tile that is
-// then rounded (F16C, or integer code). Every conversion gives the bits of common.h's to_float /
-// to_bf16 / to_f16 (checked for all inputs), but NaN payloads, which nan_to_num erases anyway.
+// then rounded (F16C, or integer code): cpu_simd.h's conversions, which give the bits of common.h's
+// to_float / to_bf16 / to_f16 (checked for all inputs), but NaN payloads, which nan_to_num erases.
+// A large g (simd::stream_outputs) goes out with streaming stores, through a tile in L1 (B = 4,
+// D = 16*16*60*104, DMD with CFG: fp32 0.9x the time of ordinary stores, bf16 1.0x).
 
 // fp-contract=off: a + w * b stays two roundings, as torch computes it, rather than an FMA where
 // -march allows one, so the bits do not depend on the instruction set. no-trapping-math: lets gcc
@@ -67,11 +70,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 #include "flashdistill/common.h"
+#include "flashdistill/cpu_sched.h"
+#include "flashdistill/cpu_simd.h"
 #include "flashdistill/score_diff.h"
 #include "ops.h"
 
@@ -79,127 +81,29 @@ namespace flashdistill {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlock = 2048;                     // elements per partial sum; fixes the results
-constexpr int64_t kTile = 256;                       // 16-bit rows are widened in tiles this long
-constexpr int64_t kParallelMinElems = 1 << 15;       // below this B*D, one thread
-constexpr int64_t kSamplesPerThread = 4;             // from B >= this * threads, whole samples per task
-constexpr int64_t kTaskElems = 1 << 14;              // ... and at least this many elements per task
-constexpr int64_t kChunkBytesPerThread = 768 << 10;  // else: pass-1 bytes per thread kept for pass 2
+// Blocks, tiles, rows and thread counts as the other CPU kernels (cpu_sched.h): kBlock elements per
+// partial sum (fixes the results), 16-bit rows widened and 16-bit g rounded in tiles of kTile.
+using sched::kBlock;
+using sched::kSamplesPerThread;
+using sched::kTaskElems;
+using sched::kTile;
+using sched::Rows;
+using simd::ld;
+constexpr int64_t kChunkBytesPerThread = 768 << 10;  // few samples: pass-1 bytes per thread kept for pass 2
 
-// Independent accumulators per sum: 4 AVX2 registers of float, 4 of double.
+// Independent accumulators per sum: 4 AVX2 registers of float, 4 of double. K1's own, not
+// simd::Lanes (16 floats): they fix the order of the additions, so changing them changes the bits.
 template <typename C> struct Lanes;
 template <> struct Lanes<float> { static constexpr int n = 32; };
 template <> struct Lanes<double> { static constexpr int n = 16; };
-static_assert(kTile % 32 == 0 && kBlock % kTile == 0, "tiles must hold whole lane groups");
-
-// ---- conversions, vectorizable, bit-identical to common.h -----------------------------------
-
-// binary16 -> binary32 with integer ops and one exact int -> float conversion for subnormals.
-inline float f16_to_float_vec(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16, em = h & 0x7fffu;
-  const uint32_t normal = (em << 13) + (112u << 23);   // rebias 15 -> 127
-  const uint32_t special = (em << 13) + (224u << 23);  // exponent 31 -> 255: inf / NaN
-  const uint32_t sub = float_to_bits(float(int32_t(em)) * 5.9604644775390625e-8f);  // em * 2^-24
-  uint32_t mag = em >= 0x0400u ? normal : sub;  // sequential selects: gcc if-converts these
-  mag = em >= 0x7c00u ? special : mag;
-  return bits_to_float(sign | mag);
-}
-
-// binary32 -> binary16, round to nearest even; subnormal results round in the FPU by adding 0.5
-// (whose ulp is 2^-24, the half subnormal step) in the default rounding mode.
-inline uint16_t float_to_f16_vec(float f) {
-  const uint32_t u = float_to_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  const uint32_t sub = float_to_bits(bits_to_float(a) + 0.5f) - 0x3f000000u;
-  const uint32_t normal = (a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
-  uint32_t mag = a < 0x38800000u ? sub : normal;
-  mag = a >= 0x477ff000u ? big : mag;
-  return uint16_t(sign | mag);
-}
-
-inline uint16_t float_to_bf16_vec(float f) {
-  const uint32_t u = float_to_bits(f);
-  const uint32_t nan = (u >> 16) | 0x40u, rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
-
-// fp16 <-> float, 8 at a time, with the F16C instructions: inline where the build targets F16C;
-// else (x86 builds for an older baseline) compiled for F16C alone and used when the CPU has it.
-// (-DFLASHDISTILL_NO_F16C turns both off, to test the integer conversions.)
-#if defined(FLASHDISTILL_NO_F16C)
-#elif defined(__F16C__)
-#define FD_F16C_TARGET
-inline bool use_f16c() { return true; }
-#elif (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#define FD_F16C_TARGET __attribute__((target("avx,f16c")))
-#define FD_F16C_DISPATCH 1
-inline bool use_f16c() {
-  static const bool ok = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return ok;
-}
-#endif
-
-#ifdef FD_F16C_TARGET
-FD_F16C_TARGET inline void widen8_f16c(const f16_t* __restrict__ src, int64_t n8, float* __restrict__ dst) {
-  for (int64_t i = 0; i < n8; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-}
-FD_F16C_TARGET inline void narrow8_f16c(const float* __restrict__ src, int64_t n8, f16_t* __restrict__ dst) {
-  for (int64_t i = 0; i < n8; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-}
-#endif
-
-// widen: n 16-bit values to float; narrow: n floats to 16-bit values.
-inline void widen(const bf16_t* __restrict__ src, int64_t n, float* __restrict__ dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = bits_to_float(uint32_t(src[i].bits) << 16);
-}
-
-inline void widen(const f16_t* __restrict__ src, int64_t n, float* __restrict__ dst) {
-  int64_t i = 0;
-#ifdef FD_F16C_TARGET
-  if (use_f16c()) {
-    i = n & ~int64_t(7);
-    widen8_f16c(src, i, dst);
-  }
-#endif
-  for (; i < n; ++i) dst[i] = f16_to_float_vec(src[i].bits);
-}
-
-inline void narrow(const float* __restrict__ src, int64_t n, bf16_t* __restrict__ dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i].bits = float_to_bf16_vec(src[i]);
-}
-
-inline void narrow(const float* __restrict__ src, int64_t n, f16_t* __restrict__ dst) {
-  int64_t i = 0;
-#ifdef FD_F16C_TARGET
-  if (use_f16c()) {
-    i = n & ~int64_t(7);
-    narrow8_f16c(src, i, dst);
-  }
-#endif
-  for (; i < n; ++i) dst[i].bits = float_to_f16_vec(src[i]);
-}
+static_assert(kTile % Lanes<float>::n == 0 && kTile % Lanes<double>::n == 0, "tiles must hold whole lane groups");
 
 // ---- per-block kernels -----------------------------------------------------------------------
 //
 // The lane loops take their rows as __restrict__ parameters and the accumulators as a local array
-// of the caller, so that gcc keeps the L lanes in vector registers. They load through ld and store
-// through st (bf16 loads widen inline; see kInlineLoad). An absent row is passed as an alias of a
-// present one and never read (its loads are dead code in that configuration).
-
-inline float ld(const float* p, int64_t i) { return p[i]; }
-inline double ld(const double* p, int64_t i) { return p[i]; }
-inline float ld(const bf16_t* p, int64_t i) { return bits_to_float(uint32_t(p[i].bits) << 16); }
-inline void st(float* p, int64_t i, float v) { p[i] = v; }
-inline void st(double* p, int64_t i, double v) { p[i] = v; }
-
-template <typename C, int L> inline double lanes_total(const C (&acc)[L]) {
-  double s = 0.0;
-  for (int l = 0; l < L; ++l) s += double(acc[l]);
-  return s;
-}
+// of the caller, so that gcc keeps the L lanes in vector registers. They load through simd::ld (bf16
+// loads widen inline; see simd::kInlineLoad). An absent row is passed as an alias of a present one
+// and never read (its loads are dead code in that configuration).
 
 // The template flags of the block loops: pass 1 (the normaliser's teacher r) and pass 2 (g).
 enum : int { kP1CfgB = 1, kP1Xt = 2, kP1Count = 4 };
@@ -249,20 +153,19 @@ inline void g_lanes(const T* __restrict__ as, const T* __restrict__ aus, const T
   for (; i + L <= m; i += L)
     for (int l = 0; l < L; ++l) {
       const C v = g_at<F>(as, aus, bs, bus, i + l, wa, wb, m1, m2, n, big);
-      st(gs, i + l, v);
+      gs[i + l] = v;
       acc[l] += v * v;
     }
   for (int l = 0; i + l < m; ++l) {
     const C v = g_at<F>(as, aus, bs, bus, i + l, wa, wb, m1, m2, n, big);
-    st(gs, i + l, v);
+    gs[i + l] = v;
     acc[l] += v * v;
   }
 }
 
-// Rows loaded inline by ld, vectorized with the lane loop: all but fp16, which is widened per tile
-// (F16C, or the integer conversion, which gcc vectorizes alone but not fused into the lane loop).
-// 16-bit g always goes through a float tile and narrow(), for the same reason.
-template <typename T> constexpr bool kInlineLoad = !std::is_same<T, f16_t>::value;
+// Rows loaded inline by ld (simd::kInlineLoad) vectorize with the lane loop; fp16 rows are widened
+// per tile (F16C, or the integer conversion, which gcc vectorizes alone but not fused into the lane
+// loop). 16-bit g always goes through a float tile and simd::narrow, for the same reason.
 
 // Sum over the block's n elements of |x - r|. Tiles keep lane l on the elements l mod L (kTile is
 // a multiple of L), so tiled and untiled loops give the same bits.
@@ -271,47 +174,63 @@ double pass1_block(const T* x, const T* b, const T* bu, const T* xt, const Coef<
   constexpr bool kCfg = F & kP1CfgB, kXt = F & kP1Xt;
   constexpr int L = Lanes<C>::n;
   C acc[L] = {};
-  if constexpr (kInlineLoad<T>) {
+  if constexpr (simd::kInlineLoad<T>) {
     abs_lanes<F>(x, b, kCfg ? bu : b, kXt ? xt : b, k, n, acc);
   } else {
     alignas(64) float bx[kTile], bb[kTile], bbu[kTile], bxt[kTile];
     for (int64_t t = 0; t < n; t += kTile) {
       const int64_t m = std::min(kTile, n - t);
-      widen(x + t, m, bx);
-      widen(b + t, m, bb);
-      if (kCfg) widen(bu + t, m, bbu);
-      if (kXt) widen(xt + t, m, bxt);
+      simd::widen(x + t, m, bx);
+      simd::widen(b + t, m, bb);
+      if (kCfg) simd::widen(bu + t, m, bbu);
+      if (kXt) simd::widen(xt + t, m, bxt);
       abs_lanes<F>(bx, bb, kCfg ? bbu : bb, kXt ? bxt : bb, k, m, acc);
     }
   }
-  return lanes_total(acc);
+  return simd::lanes_total(acc);
 }
 
-// g over the block's n elements; returns the sum of g^2.
+// g over the block's n elements; returns the sum of g^2. nt: g goes through a tile in L1 and
+// streaming stores (tiles keep the lanes on the same elements: the same bits).
 template <int F, typename T, typename C = typename Compute<T>::type>
-double pass2_block(const T* a, const T* au, const T* b, const T* bu, const Coef<C> k, T* g, int64_t n) {
+double pass2_block(const T* a, const T* au, const T* b, const T* bu, const Coef<C> k, T* g, int64_t n, bool nt) {
   constexpr bool kCfgA = F & kP2CfgA, kCfgB = F & kP2CfgB;
   constexpr int L = Lanes<C>::n;
   C acc[L] = {};
   if constexpr (std::is_same<T, C>::value) {
-    g_lanes<F>(a, kCfgA ? au : a, b, kCfgB ? bu : b, k, g, n, acc);
+    if (!nt) {
+      g_lanes<F>(a, kCfgA ? au : a, b, kCfgB ? bu : b, k, g, n, acc);
+    } else {
+      alignas(64) C bg[kTile];
+      for (int64_t t = 0; t < n; t += kTile) {
+        const int64_t m = std::min(kTile, n - t);
+        g_lanes<F>(a + t, kCfgA ? au + t : a + t, b + t, kCfgB ? bu + t : b + t, k, bg, m, acc);
+        simd::stream_copy(bg, m, g + t);
+      }
+    }
   } else {
     alignas(64) float ba[kTile], bau[kTile], bb[kTile], bbu[kTile], bg[kTile];
     for (int64_t t = 0; t < n; t += kTile) {
       const int64_t m = std::min(kTile, n - t);
-      if constexpr (kInlineLoad<T>) {
+      if constexpr (simd::kInlineLoad<T>) {
         g_lanes<F>(a + t, kCfgA ? au + t : a + t, b + t, kCfgB ? bu + t : b + t, k, bg, m, acc);
       } else {
-        widen(a + t, m, ba);
-        if (kCfgA) widen(au + t, m, bau);
-        widen(b + t, m, bb);
-        if (kCfgB) widen(bu + t, m, bbu);
+        simd::widen(a + t, m, ba);
+        if (kCfgA) simd::widen(au + t, m, bau);
+        simd::widen(b + t, m, bb);
+        if (kCfgB) simd::widen(bu + t, m, bbu);
         g_lanes<F>(ba, kCfgA ? bau : ba, bb, kCfgB ? bbu : bb, k, bg, m, acc);
       }
-      narrow(bg, m, g + t);
+      if (nt) {
+        alignas(64) T line[kTile];
+        simd::narrow(bg, m, line);
+        simd::stream_copy(line, m, g + t);
+      } else {
+        simd::narrow(bg, m, g + t);
+      }
     }
   }
-  return lanes_total(acc);
+  return simd::lanes_total(acc);
 }
 
 // ---- the op ----------------------------------------------------------------------------------
@@ -341,16 +260,6 @@ struct Args {
   uintptr_t g, loss;
 };
 
-template <typename T> struct Rows {
-  const T* p;  // nullptr: absent
-  int64_t bstride;
-  const T* row(int64_t smp) const { return p + smp * bstride; }
-};
-
-template <typename T> Rows<T> rows(uintptr_t p, int64_t bstride) {
-  return Rows<T>{reinterpret_cast<const T*>(p), bstride};
-}
-
 // One call's inputs and its per-block partial sums: p1 of |x - r| and p2 of g^2, item
 // it = smp * nblk + k for block k of sample smp. Every item is computed the same way whichever
 // thread runs it and whenever, and the partials are added in index order, so the schedule never
@@ -360,7 +269,7 @@ template <typename T> struct Problem {
   using Pass1Fn = double (*)(const Problem&, int64_t smp, int64_t off, int64_t n);
   using Pass2Fn = double (*)(const Problem&, int64_t smp, int64_t off, int64_t n, C nb);
   int64_t B, D, nblk;
-  Rows<T> x, a, a_u, b, b_u, xt;
+  Rows<T> x, a, a_u, b, b_u, xt;  // p == nullptr: absent
   const C* wa_ptr;  // nullptr: wa for every sample (likewise wb_ptr)
   const C* wb_ptr;
   const C* coef;    // [B, 2] (A_b, C_b), with xt
@@ -371,6 +280,7 @@ template <typename T> struct Problem {
   double* p2;
   Pass1Fn pass1_fn;
   Pass2Fn pass2_fn;
+  bool nt;  // g with streaming stores (simd::stream_outputs)
 
   Coef<C> coefs(int64_t smp, C nb) const {
     Coef<C> k;
@@ -428,7 +338,8 @@ double pass2_item(const Problem<T>& P, int64_t smp, int64_t off, int64_t n, type
   const T* ar = P.a.row(smp) + off;
   const T* br = P.b.row(smp) + off;
   return pass2_block<F>(ar, (F & kP2CfgA) ? P.a_u.row(smp) + off : ar, br,
-                        (F & kP2CfgB) ? P.b_u.row(smp) + off : br, P.coefs(smp, nb), P.g + smp * P.D + off, n);
+                        (F & kP2CfgB) ? P.b_u.row(smp) + off : br, P.coefs(smp, nb), P.g + smp * P.D + off, n,
+                        P.nt);
 }
 
 template <typename T, int... F>
@@ -463,38 +374,46 @@ template <typename T> void forward(const Args& q) {
     *loss = C(q.loss_factor * 0.5 * 0.0);
     return;
   }
-  const int64_t nblk = (D + kBlock - 1) / kBlock;
+  const int64_t nblk = sched::num_blocks(D);
   std::vector<double> p1(q.norm ? static_cast<size_t>(B * nblk) : 0), p2(static_cast<size_t>(B * nblk));
   static constexpr auto kPass1 = pass1_table<T>(std::make_integer_sequence<int, kP1Count>());
   static constexpr auto kPass2 = pass2_table<T>(std::make_integer_sequence<int, kP2Count>());
   const int f1 = (q.b_u ? kP1CfgB : 0) | (q.xt ? kP1Xt : 0);
   const int f2 = (q.a_u ? kP2CfgA : 0) | (q.b_u ? kP2CfgB : 0) | (q.xt || q.scale ? kP2Mul : 0) |
                  (q.norm ? kP2Norm : 0);
+  // rows read and written: a, b, g (+ a_u, b_u; + x, xt with norm)
+  const int64_t rows_moved = 3 + (q.a_u ? 1 : 0) + (q.b_u ? 1 : 0) + (q.norm ? 1 + (q.xt ? 1 : 0) : 0);
   const Problem<T> P{B, D, nblk,
-                     rows<T>(q.x, q.x_bs), rows<T>(q.a, q.a_bs), rows<T>(q.a_u, q.a_u_bs),
-                     rows<T>(q.b, q.b_bs), rows<T>(q.b_u, q.b_u_bs), rows<T>(q.xt, q.xt_bs),
+                     sched::rows<T>(q.x, q.x_bs), sched::rows<T>(q.a, q.a_bs), sched::rows<T>(q.a_u, q.a_u_bs),
+                     sched::rows<T>(q.b, q.b_bs), sched::rows<T>(q.b_u, q.b_u_bs), sched::rows<T>(q.xt, q.xt_bs),
                      reinterpret_cast<const C*>(q.wa_ptr), reinterpret_cast<const C*>(q.wb_ptr),
                      reinterpret_cast<const C*>(q.coef), reinterpret_cast<const C*>(q.scale),
                      C(q.wa), C(q.wb), C(q.eps), sd_bound<C>(q.clip),
-                     reinterpret_cast<T*>(q.g), p1.data(), p2.data(), kPass1[f1], kPass2[f2]};
+                     reinterpret_cast<T*>(q.g), p1.data(), p2.data(), kPass1[f1], kPass2[f2],
+                     simd::stream_outputs(rows_moved * B * D * int64_t(sizeof(T)))};
 
-  int nthr = 1;
-#ifdef _OPENMP
-  if (B * D >= kParallelMinElems) nthr = omp_get_max_threads();
-#endif
+  const int nthr = sched::threads_for(B * D);
   if (!q.norm) {
     // One pass, no dependency between blocks: dynamic chunks of >= kTaskElems elements.
     const int64_t items = B * nblk, chunk = std::max<int64_t>(1, kTaskElems / std::min(D, kBlock));
-#pragma omp parallel for num_threads(nthr) if (nthr > 1) schedule(dynamic, chunk)
-    for (int64_t it = 0; it < items; ++it) P.pass2(it, C(1));
+#pragma omp parallel num_threads(nthr) if (nthr > 1)
+    {
+#pragma omp for schedule(dynamic, chunk) nowait
+      for (int64_t it = 0; it < items; ++it) P.pass2(it, C(1));
+      simd::stream_fence();
+    }
   } else if (B >= kSamplesPerThread * nthr) {
     // Whole samples per task, several when D is small: no barrier, and a task's rows are read
     // by pass 2 from the L2 that pass 1 filled (when they fit). Dynamic: a thread the OS
     // preempts holds up one task, not the others.
     const int64_t group = std::max<int64_t>(1, kTaskElems / D), ntasks = (B + group - 1) / group;
-#pragma omp parallel for num_threads(nthr) if (nthr > 1) schedule(dynamic, 1)
-    for (int64_t task = 0; task < ntasks; ++task)
-      for (int64_t smp = task * group; smp < std::min(B, (task + 1) * group); ++smp) P.sample(smp);
+#pragma omp parallel num_threads(nthr) if (nthr > 1)
+    {
+#pragma omp for schedule(dynamic, 1) nowait
+      for (int64_t task = 0; task < ntasks; ++task)
+        for (int64_t smp = task * group; smp < std::min(B, (task + 1) * group); ++smp) P.sample(smp);
+      simd::stream_fence();
+    }
   } else {
     // Few samples: their blocks are split evenly across the threads, a chunk of samples at a
     // time, sized so that a thread's pass-1 rows stay in its L2 for pass 2 (same blocks, same
@@ -516,6 +435,7 @@ template <typename T> void forward(const Args& q) {
           P.pass2(it, nb);
         }
       }
+      simd::stream_fence();
     }
   }
 

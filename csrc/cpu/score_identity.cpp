@@ -7,7 +7,8 @@
 //   backward  reads (3 + g) s, writes one s per requested output (1-5): SiD without guidance
 //             (gx, gr, gf) 6s = 24 bytes fp32; everything with both guided 10s = 40 bytes fp32
 //   B = 64, D = 16*64*64 fp32: forward 50.3 MB (no guidance), backward (gx, gr, gf) 100.7 MB.
-//   Not counted: the read-for-ownership of the outputs where the CPU does one.
+//   Not counted: the read-for-ownership of the outputs where the CPU does one: none when a call
+//   moves more than simd::kStreamMinBytes (16 MiB), whose outputs go out with streaming stores.
 // Work per element: forward y, u, x - r̄, |.|, y², y u and three accumulations: 9 flops, + 3 (sub,
 // mul, add) per guided prediction. Backward y, u, Gx = (-P) y, Gr = P u + Q y: 6 flops, Gf 2 more,
 // 1 per scaled output (a guided prediction's two parts), + 3 per guided prediction: at most 18.
@@ -15,6 +16,8 @@
 // D = 16*64*64 fp32, median of 30; copy_ of 256 MB: 28 GB/s): forward 31 GB/s (34 with guidance on
 // both), backward with (gx, gr, gf) 24 GB/s, all five outputs 25 GB/s: 86-123% of copy_ (copy_ also
 // pays the read-for-ownership of its output; the forward has none). From DRAM (B = 256): 88-106%.
+// Streaming the outputs (B = 4, D = 16*16*60*104 fp32, against ordinary stores): (gx, gr, gf)
+// 0.58-0.68x the time, all five 0.66-0.79x; bf16 0.9-1.0x (its rounding is the limit there).
 //
 // Scheme (include/flashdistill/cpu_sched.h). Forward: item (b, k) = block k (kBlock elements) of
 // sample b computes its three partial sums in simd::Lanes accumulators of the compute type, into its
@@ -39,7 +42,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include "flashdistill/common.h"
 #include "flashdistill/cpu_sched.h"
@@ -52,12 +54,9 @@ namespace cpu {
 namespace {
 
 using sched::Item;
+using sched::kTile;  // 16-bit rows are widened, and outputs emitted, in tiles this long
 using sched::Rows;
 using simd::ld;
-
-constexpr int64_t kTile = 256;  // 16-bit rows are widened, and outputs emitted, in tiles this long
-static_assert(kTile % simd::Lanes<float>::n == 0 && sched::kBlock % kTile == 0,
-              "tiles must hold whole lane groups");
 
 // ---- forward: the three sums of one block -------------------------------------------------------
 
@@ -127,7 +126,7 @@ inline void g_tile(const T* __restrict__ x, const T* __restrict__ r, const T* __
 
 // dst[i] = s src[i] (kScale) or src[i], rounded to T, for i < m; tmp: a tile of scratch.
 template <bool kScale, typename T, typename C>
-inline void emit(const C* __restrict__ src, C s, int64_t m, T* __restrict__ dst, C* __restrict__ tmp) {
+inline void emit_to(const C* __restrict__ src, C s, int64_t m, T* __restrict__ dst, C* __restrict__ tmp) {
   if constexpr (std::is_same<T, C>::value) {
     for (int64_t i = 0; i < m; ++i) dst[i] = kScale ? s * src[i] : src[i];
   } else if constexpr (std::is_same<T, bf16_t>::value) {  // integer rounding: vectorizes fused
@@ -137,6 +136,18 @@ inline void emit(const C* __restrict__ src, C s, int64_t m, T* __restrict__ dst,
     simd::narrow(tmp, m, dst);
   } else {
     simd::narrow(src, m, dst);
+  }
+}
+
+// emit_to, with streaming stores (through a tile of T in L1) when nt.
+template <bool kScale, typename T, typename C>
+inline void emit(const C* __restrict__ src, C s, int64_t m, T* __restrict__ dst, C* __restrict__ tmp, bool nt) {
+  if (nt) {
+    alignas(64) T line[kTile];
+    emit_to<kScale>(src, s, m, line, tmp);
+    simd::stream_copy(line, m, dst);
+  } else {
+    emit_to<kScale>(src, s, m, dst, tmp);
   }
 }
 
@@ -157,17 +168,17 @@ template <typename T> struct Problem {
   static C w_at(const C* w_ptr, double w, int64_t b) { return w_ptr ? w_ptr[b] : C(w); }
   static C rest_at(const C* w_ptr, double w, int64_t b) { return w_ptr ? C(1) - w_ptr[b] : C(1.0 - w); }
 
-  template <bool kR, bool kF> void forward_item(const Item& it, double* partials) const {
+  // The item's three partial sums, to out[0..2].
+  template <bool kR, bool kF> void forward_item(const Item& it, double* out) const {
     const int64_t b = it.b, o = it.off;
     const T* rr = r.row(b) + o;
     const T* fr = f.row(b) + o;
     sums_block<kR, kF>(x.row(b) + o, rr, kR ? ru.row(b) + o : rr, kR ? w_at(wr_ptr, wr, b) : C(0), fr,
-                       kF ? fu.row(b) + o : fr, kF ? w_at(wf_ptr, wf, b) : C(0), it.n,
-                       partials + 3 * it.idx);
+                       kF ? fu.row(b) + o : fr, kF ? w_at(wf_ptr, wf, b) : C(0), it.n, out);
   }
 
   template <bool kR, bool kF>
-  void backward_item(const Item& it, const C* coef, T* gx, T* gr, T* gru, T* gf, T* gfu) const {
+  void backward_item(const Item& it, const C* coef, bool nt, T* gx, T* gr, T* gru, T* gf, T* gfu) const {
     const int64_t b = it.b, o = it.off, n = it.n, base = b * D + o;
     const C p = coef[2 * b], q = coef[2 * b + 1];
     if (sid_dropped(p, q)) {
@@ -198,13 +209,13 @@ template <typename T> struct Problem {
         g_tile<kR, kF>(bx, br, kR ? bru : br, w_r, bf, kF ? bfu : bf, w_f, np, p, q, m, tgx, tgr);
       }
       const int64_t at = base + t;
-      if (gx) emit<false>(tgx, C(1), m, gx + at, tmp);
-      if (gr) emit<kR>(tgr, w_r, m, gr + at, tmp);
-      if (kR && gru) emit<true>(tgr, rest_r, m, gru + at, tmp);
+      if (gx) emit<false>(tgx, C(1), m, gx + at, tmp, nt);
+      if (gr) emit<kR>(tgr, w_r, m, gr + at, tmp, nt);
+      if (kR && gru) emit<true>(tgr, rest_r, m, gru + at, tmp, nt);
       if (gf || (kF && gfu)) {
         for (int64_t i = 0; i < m; ++i) tgf[i] = sid_grad_f(tgx[i], tgr[i]);
-        if (gf) emit<kF>(tgf, w_f, m, gf + at, tmp);
-        if (kF && gfu) emit<true>(tgf, rest_f, m, gfu + at, tmp);
+        if (gf) emit<kF>(tgf, w_f, m, gf + at, tmp, nt);
+        if (kF && gfu) emit<true>(tgf, rest_f, m, gfu + at, tmp, nt);
       }
     }
   }
@@ -231,19 +242,15 @@ void score_identity_forward(int64_t dtype, int64_t B, int64_t D,
   sched::dispatch_dtype(dtype, "score_identity_forward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = typename Compute<T>::type;
-    if (B <= 0) return;
     const Problem<T> P = make_problem<T>(B, D, x, x_bs, r, r_bs, r_u, r_u_bs, wr_ptr, wr, f, f_bs, f_u,
                                          f_u_bs, wf_ptr, wf);
-    std::vector<double> partials(size_t(3 * B * sched::num_blocks(D)));
-    double* pp = partials.data();
     sched::dispatch_bool(P.ru.p != nullptr, [&](auto kr) {
       sched::dispatch_bool(P.fu.p != nullptr, [&](auto kf) {
-        sched::for_reduce_items(B, D, [&](const Item& it) {
-          P.template forward_item<decltype(kr)::value, decltype(kf)::value>(it, pp);
+        sched::reduce<3>(B, D, reinterpret_cast<C*>(sums), [&](const Item& it, double* out) {
+          P.template forward_item<decltype(kr)::value, decltype(kf)::value>(it, out);
         });
       });
     });
-    sched::sum_partials<3>(pp, B, D, reinterpret_cast<C*>(sums));
   });
 }
 
@@ -267,10 +274,12 @@ void score_identity_backward(int64_t dtype, int64_t B, int64_t D,
     const C* cf = reinterpret_cast<const C*>(coef);
     T* o[5] = {reinterpret_cast<T*>(gx), reinterpret_cast<T*>(gr), reinterpret_cast<T*>(r_u ? gr_u : 0),
                reinterpret_cast<T*>(gf), reinterpret_cast<T*>(f_u ? gf_u : 0)};
+    const int64_t rows_moved = 3 + (r_u ? 1 : 0) + (f_u ? 1 : 0) + std::count_if(o, o + 5, [](T* p) { return p; });
+    const bool nt = simd::stream_outputs(rows_moved * B * D * int64_t(sizeof(T)));
     sched::dispatch_bool(r_u != 0, [&](auto kr) {
       sched::dispatch_bool(f_u != 0, [&](auto kf) {
         sched::for_elementwise_items(B, D, [&](const Item& it) {
-          P.template backward_item<decltype(kr)::value, decltype(kf)::value>(it, cf, o[0], o[1], o[2], o[3], o[4]);
+          P.template backward_item<decltype(kr)::value, decltype(kf)::value>(it, cf, nt, o[0], o[1], o[2], o[3], o[4]);
         });
       });
     });

@@ -6,6 +6,7 @@
 // accumulators of the compute type) into its own slot of a partials array, and sum_partials adds
 // them in double in block order afterwards: every rounding depends on (B, D) alone, never on which
 // thread ran an item or when. Elementwise passes have no such question; they use the same items.
+// Within a block, 16-bit rows are widened (and outputs rounded, or streamed) in tiles of kTile.
 #pragma once
 
 #include <algorithm>
@@ -13,20 +14,28 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include "flashdistill/common.h"
+#include "flashdistill/cpu_simd.h"
 
 namespace flashdistill {
 namespace sched {
 
 constexpr int64_t kBlock = 2048;                // elements per partial sum: fixes the results
+constexpr int64_t kTile = 256;                  // elements per tile within a block (tuning only)
 constexpr int64_t kParallelMinElems = 1 << 15;  // below this B*D, one thread (fork/join ~ 5 us)
 constexpr int64_t kSamplesPerThread = 4;        // reductions: whole samples per task from this many
 constexpr int64_t kTaskElems = 1 << 14;         // elements per scheduling chunk, at least (tuning only)
+
+// A tile holds whole groups of simd::Lanes, so that tiled and untiled loops give each lane the same
+// elements: the same bits.
+static_assert(kBlock % kTile == 0 && kTile % simd::Lanes<float>::n == 0 && kTile % simd::Lanes<double>::n == 0,
+              "a block must hold whole tiles, a tile whole lane groups");
 
 inline int64_t num_blocks(int64_t D) { return D > 0 ? (D + kBlock - 1) / kBlock : 0; }
 
@@ -71,13 +80,18 @@ template <typename F> void for_reduce_items(int64_t B, int64_t D, const F& run) 
 }
 
 // Elementwise pass: run(Item) once for every item, in dynamic chunks of >= kTaskElems elements.
+// Each thread ends with simd::stream_fence(), so run may write with streaming stores.
 template <typename F> void for_elementwise_items(int64_t B, int64_t D, const F& run) {
   const int64_t nblk = num_blocks(D);
   if (B <= 0 || nblk == 0) return;
   const int nthr = threads_for(B * D);
   const int64_t n = B * nblk, chunk = std::max<int64_t>(1, kTaskElems / std::min(D, kBlock));
-#pragma omp parallel for num_threads(nthr) if (nthr > 1) schedule(dynamic, chunk)
-  for (int64_t it = 0; it < n; ++it) run(item_of(it, nblk, D));
+#pragma omp parallel num_threads(nthr) if (nthr > 1)
+  {
+#pragma omp for schedule(dynamic, chunk) nowait
+    for (int64_t it = 0; it < n; ++it) run(item_of(it, nblk, D));
+    simd::stream_fence();
+  }
 }
 
 // out[b * NS + j] = sum over k, in order, of p[(b * nblk + k) * NS + j], added in double and
@@ -90,6 +104,16 @@ template <int NS, typename C> void sum_partials(const double* p, int64_t B, int6
       for (int64_t k = 0; k < nblk; ++k) s += p[(b * nblk + k) * NS + j];
       out[b * NS + j] = C(s);
     }
+}
+
+// A whole reduction: sums(item, slot) writes the NS partial sums of an item to slot[0..NS); out[b *
+// NS + j] is their total over sample b (sum_partials). Nothing for B <= 0.
+template <int NS, typename C, typename F> void reduce(int64_t B, int64_t D, C* out, const F& sums) {
+  if (B <= 0) return;
+  std::vector<double> partials(size_t(NS * B * num_blocks(D)));
+  double* p = partials.data();
+  for_reduce_items(B, D, [&](const Item& it) { sums(it, p + NS * it.idx); });
+  sum_partials<NS>(p, B, D, out);
 }
 
 // ---- dispatch ---------------------------------------------------------------------------------
