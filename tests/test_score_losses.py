@@ -476,3 +476,12 @@ def test_fdiv_weight():
     assert fd.fdiv_weight(logits.requires_grad_(True)).grad_fn is None  # detached
     with pytest.raises(ValueError, match="fdiv_weight: divergence='tv' is not one of"):
         fd.fdiv_weight(logits, "tv")
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("op,variant,dtype", [("sid", "cfg_both", torch.float32), ("dmd", "cfg", torch.bfloat16),
+                                              ("dsm", "v", torch.float32), ("consistency", "huber", torch.float16)],
+                         ids=str)
+def test_streaming_sizes(backend, op, variant, dtype):
+    """Calls moving more than 16 MiB: the CPU kernels write with streaming stores there."""
+    check(backend, op, variant, (3, 1_400_011), dtype, seed=12)
