@@ -49,10 +49,16 @@ def as_oracle(t):
 
 
 def assert_within_budget(what: str, out: torch.Tensor, oracle: torch.Tensor, ref: torch.Tensor,
-                         dtype: torch.dtype, *, n_reduce: int = 1) -> None:
+                         dtype: torch.dtype, *, n_reduce: int = 1, cancels: bool = False,
+                         magnitude: float = 0.0) -> None:
     """``out`` (a backend) and ``ref`` (the reference in ``dtype``) against the float64 ``oracle``.
 
     ``n_reduce``: length of the longest sum each output element depends on (see the module docstring).
+    ``cancels``: an element is a difference of per-sample-scaled terms (e.g. SIM's P u + Q y), each up
+    to a few times the largest output, so its rounding error scales with 4 max|oracle|, not with its
+    own magnitude.
+    ``magnitude``: for a sum whose terms cancel, the sum of the terms' magnitudes (used when larger
+    than |oracle|).
     """
     out64, oracle64, ref64 = (t.detach().to(torch.float64).cpu().reshape(-1) for t in (out, oracle, ref))
     assert out64.shape == oracle64.shape, f"{what}: shape {tuple(out.shape)} != oracle {tuple(oracle.shape)}"
@@ -67,7 +73,8 @@ def assert_within_budget(what: str, out: torch.Tensor, oracle: torch.Tensor, ref
     ref_err = (r - o).abs().max().item() if o.numel() else 0.0
     floor_units = FLOOR_UNITS + FLOOR_SUM_UNITS * n_reduce**0.5
     floor = floor_units * UNIT_ROUNDOFF[dtype]
-    budget = 2.0 * ref_err + floor * o.abs()
+    scale = 4.0 * o.abs().max() if cancels and o.numel() else o.abs()
+    budget = 2.0 * ref_err + floor * torch.clamp(scale, min=magnitude).expand_as(o)
     err = (k - o).abs()
     bad = err > budget
     if bool(bad.any()):

@@ -212,6 +212,25 @@ def run_oracle(case: Case):
     return loss.detach(), {k: T[k].grad for k in case.grads}
 
 
+def loss_magnitude(case: Case) -> float:
+    """Sum of the magnitudes of the K2 loss's terms (they cancel), in float64; 0 for other ops."""
+    if case.op not in ("sid", "sim"):
+        return 0.0
+    T = {k: as_oracle(v) for k, v in case.tensors.items()}
+    kw = {k: (as_oracle(v) if isinstance(v, torch.Tensor) else v) for k, v in case.kwargs.items()}
+    rb = k1_ref.guided(T["real"], T.get("real_uncond"), kw.get("guidance"))
+    fb = k1_ref.guided(T["fake"], T.get("fake_uncond"), kw.get("fake_guidance"))
+    B = rb.shape[0]
+    y, u = (rb - fb).reshape(B, -1), (fb - T["x"]).reshape(B, -1)
+    if case.op == "sid":
+        w = (T["x"] - rb).reshape(B, -1).abs().mean(dim=1).clamp_min(1e-5)
+        s = kw.get("scale") or 1.0 / B
+        return float(abs(s) * (((abs(1 - kw["alpha"]) * y * y + (y * u).abs()).sum(dim=1)) / w).sum())
+    a = kw["a"] if isinstance(kw["a"], torch.Tensor) else torch.full((B,), kw["a"], dtype=torch.float64)
+    c = kw["c"] if isinstance(kw["c"], torch.Tensor) else torch.full((B,), kw["c"], dtype=torch.float64)
+    return float((a * (y * u).abs().sum(dim=1) / torch.sqrt(a * (y * y).sum(dim=1) + c * c)).sum() / B)
+
+
 def check(backend, op, variant, shape, dtype, seed, layout="contiguous"):
     case = make_case(op, variant, shape, dtype, seed, layout)
     loss64, grads64 = run_oracle(case)
@@ -221,10 +240,12 @@ def check(backend, op, variant, shape, dtype, seed, layout="contiguous"):
     cd = _cd(dtype)
     what = f"{op}/{variant} {backend} {tuple(shape)} {dtype} {layout} seed={seed}"
     assert loss.dtype == cd and loss.shape == (), what
-    assert_within_budget(f"loss [{what}]", loss, loss64, loss_ref, cd, n_reduce=x.numel())
+    assert_within_budget(f"loss [{what}]", loss, loss64, loss_ref, cd, n_reduce=x.numel(),
+                         magnitude=1.7 * loss_magnitude(case))
     for k in case.grads:
         assert grads[k].dtype == dtype and grads[k].shape == x.shape, (what, k)
-        assert_within_budget(f"d/d{k} [{what}]", grads[k], grads64[k], grads_ref[k], dtype, n_reduce=x[0].numel())
+        assert_within_budget(f"d/d{k} [{what}]", grads[k], grads64[k], grads_ref[k], dtype, n_reduce=x[0].numel(),
+                             cancels=op in ("sid", "sim"))
 
 
 # ---------------------------------------------------------------------------------------------------
