@@ -30,7 +30,7 @@ SPACES = ("x0", "eps", "v", "flow", "trigflow")
 CFG_CONVENTIONS = ("ho", "offset")
 
 
-def _sched(op: str, name: str, v, B: int, device) -> Tensor:
+def per_sample_schedule(op: str, name: str, v, B: int, device) -> Tensor:
     """alpha / sigma as a float64 [B] tensor: from a float, or a float32/float64 [B] tensor (exact)."""
     if isinstance(v, Tensor):
         if v.shape != (B,) or v.dtype not in (torch.float32, torch.float64) or v.device != device:
@@ -49,7 +49,7 @@ def x0_coefficients(op: str, space: str, alpha, sigma, B: int, device, *, sigma_
         raise ValueError(f"{op}: space={space!r} is not one of {', '.join(SPACES)}")
     if alpha is None or sigma is None:
         raise ValueError(f"{op}: space={space!r} needs alpha and sigma (per-sample floats or [B] tensors)")
-    a, s = _sched(op, "alpha", alpha, B, device), _sched(op, "sigma", sigma, B, device)
+    a, s = per_sample_schedule(op, "alpha", alpha, B, device), per_sample_schedule(op, "sigma", sigma, B, device)
     if space == "x0":
         return torch.zeros_like(a), torch.ones_like(a)
     if space == "eps":
@@ -88,8 +88,8 @@ def convert(pred: Tensor, x_t: Tensor, *, src: str, dst: str, alpha=None, sigma=
         return x0
     cd = x0.dtype
     shape = (-1,) + (1,) * (pred.dim() - 1)
-    a = _sched(op, "alpha", alpha, pred.shape[0], pred.device).to(cd).reshape(shape)
-    s = _sched(op, "sigma", sigma, pred.shape[0], pred.device).to(cd).reshape(shape)
+    a = per_sample_schedule(op, "alpha", alpha, pred.shape[0], pred.device).to(cd).reshape(shape)
+    s = per_sample_schedule(op, "sigma", sigma, pred.shape[0], pred.device).to(cd).reshape(shape)
     xt = x_t.to(cd)
     if dst == "eps":
         return (xt - a * x0) / s

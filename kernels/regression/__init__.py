@@ -82,8 +82,8 @@ def dsm_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None, *, target
         t1, t2, coef, names = noise, None, None, ("pred", "noise", None)
     else:
         if target == "v":
-            a = params._sched(op, "alpha", alpha, B, pred.device)
-            s = params._sched(op, "sigma", sigma, B, pred.device)
+            a = params.per_sample_schedule(op, "alpha", alpha, B, pred.device)
+            s = params.per_sample_schedule(op, "sigma", sigma, B, pred.device)
             coef = torch.stack([a, -s], dim=1).to(cd)
         else:
             coef = torch.tensor([[1.0, -1.0]], dtype=cd, device=pred.device).expand(B, 2).contiguous()

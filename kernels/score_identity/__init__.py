@@ -76,9 +76,8 @@ def sim_loss(x: Tensor, real: Tensor, fake: Tensor, *, real_uncond: Optional[Ten
     pseudo-Huber constant; each a float or a [B] tensor of the compute dtype. scale: 1/B by default.
     """
     op = "sim_loss"
-    a_t = params.per_sample_arg(op, "a", a, x) if isinstance(x, Tensor) else None
-    c_t = params.per_sample_arg(op, "c", c, x) if isinstance(x, Tensor) else None
     S = _sums(op, x, real, real_uncond, guidance, fake, fake_uncond, fake_guidance, cfg, backend)
+    a_t, c_t = params.per_sample_arg(op, "a", a, x), params.per_sample_arg(op, "c", c, x)
     per = a_t * S[:, 2] / torch.sqrt(a_t * S[:, 1] + c_t * c_t)
     return _total(op, per, scale, nan_policy, x)
 
