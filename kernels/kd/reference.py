@@ -1,0 +1,107 @@
+"""Logit knowledge-distillation divergences in plain PyTorch: the spec of issue #4's kernels.
+
+Per token (one row of V logits), student logits z, teacher logits t, temperature T > 0, u = z / T,
+v = t / T, q = softmax(u) (student), p = softmax(v) (teacher). Argument order is always (student,
+teacher); "forward" KL is KL(teacher || student) (Hinton et al. 2015; the convention of TRL, Liger
+and Unsloth: jsd with beta = 0 is forward KL, beta = 1 reverse KL). Derivations and the survey of
+existing implementations: ../shared/research/llm_kd.md Sec. 1.
+
+    forward_kl      KL(p || q) = sum p (log p - log q)                                dL/du = q - p
+    reverse_kl      KL(q || p) = sum q (log q - log p)                  dL/du = q (log q - log p - KL)
+    jsd             beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q    (GKD, Agarwal
+                    et al. 2024); beta = 0 and 1 are forward and reverse KL (the limits are 0, so every
+                    library special-cases them; so does this one)
+    jsd_normalized  jsd / (beta (1 - beta)): continuous in beta from forward KL (beta -> 0) to reverse
+                    KL (beta -> 1)
+    skew_forward_kl KL(p || alpha p + (1 - alpha) q)    (DistiLLM, Ko et al. 2024; alpha = 0.1 default)
+    skew_reverse_kl KL(q || (1 - alpha) p + alpha q)
+    tvd             0.5 sum |p - q|
+    mixed           lam KL(p || q) + (1 - lam) KL(q || p)
+    taid            KL(p_lam || q), p_lam = softmax(lam v + (1 - lam) sg(u))      (TAID, Shing et al.
+                    2025; lam a tensor, scheduled by the caller)
+
+Temperature: the divergence is taken between the tempered distributions; with ``t_squared`` the loss
+is multiplied by T^2 (Hinton's convention: DistillKit, axolotl), without it not (Liger, TRL, Unsloth).
+The hard-label cross-entropy uses the untempered student logits (every library checked does).
+Everything is computed in float32 or better (float64 for float64 logits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "jsd_normalized", "skew_forward_kl", "skew_reverse_kl", "tvd",
+               "mixed", "taid")
+
+
+def _kl(logp, logq):
+    """KL(P || Q) per row from log-probabilities (0 log 0 = 0)."""
+    P = logp.exp()
+    return torch.where(P > 0, P * (logp - logq), torch.zeros_like(P)).sum(-1)
+
+
+def token_divergence(student, teacher, kind: str, *, temperature: float = 1.0, beta: float = 0.5,
+                     alpha: float = 0.1, lam=0.5):
+    """The divergence per row of [..., V] logits, in float32 (float64 for float64 input)."""
+    cd = torch.float64 if student.dtype == torch.float64 else torch.float32
+    u, v = student.to(cd) / temperature, teacher.to(cd) / temperature
+    logq, logp = F.log_softmax(u, -1), F.log_softmax(v, -1)
+    if kind == "forward_kl":
+        return _kl(logp, logq)
+    if kind == "reverse_kl":
+        return _kl(logq, logp)
+    if kind in ("jsd", "jsd_normalized"):
+        if beta == 0.0:  # the limits: forward KL (jsd / beta and jsd_normalized tend to it as beta -> 0)
+            return _kl(logp, logq)
+        if beta == 1.0:
+            return _kl(logq, logp)
+        logm = torch.logsumexp(torch.stack([logp + torch.log(torch.tensor(beta, dtype=cd)),
+                                            logq + torch.log(torch.tensor(1 - beta, dtype=cd))]), dim=0)
+        d = beta * _kl(logp, logm) + (1 - beta) * _kl(logq, logm)
+        return d / (beta * (1 - beta)) if kind == "jsd_normalized" else d
+    if kind == "skew_forward_kl":
+        logm = torch.log(alpha * logp.exp() + (1 - alpha) * logq.exp())
+        return _kl(logp, logm)
+    if kind == "skew_reverse_kl":
+        logm = torch.log((1 - alpha) * logp.exp() + alpha * logq.exp())
+        return _kl(logq, logm)
+    if kind == "tvd":
+        return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+    if kind == "mixed":
+        return lam * _kl(logp, logq) + (1 - lam) * _kl(logq, logp)
+    if kind == "taid":
+        lam_t = lam.to(cd) if isinstance(lam, torch.Tensor) else torch.tensor(lam, dtype=cd)
+        lam_t = lam_t.reshape(lam_t.shape + (1,) * (u.dim() - lam_t.dim())) if lam_t.dim() else lam_t
+        logp_lam = F.log_softmax(lam_t * v + (1 - lam_t) * u.detach(), -1)
+        return _kl(logp_lam, logq)
+    raise ValueError(f"token_divergence: kind={kind!r} is not one of {', '.join(DIVERGENCES)}")
+
+
+def kd_loss(student, teacher, *, kind: str = "forward_kl", temperature: float = 1.0, t_squared: bool = False,
+            beta: float = 0.5, alpha: float = 0.1, lam=0.5, labels=None, ignore_index: int = -100,
+            hard_weight: float = 0.0, soft_weight: float = 1.0, normalizer=None):
+    """Mean over valid tokens of soft_weight * D (x T^2 with t_squared) + hard_weight * CE(z, label).
+
+    student, teacher: [N, V] logits; labels [N] (tokens equal to ignore_index are masked out of both
+    terms; without labels every token counts). normalizer: the divisor (e.g. a global valid-token
+    count, a tensor); default the number of valid tokens, and a loss of 0 when none is valid.
+    Returns (loss, soft, hard), each a 0-d tensor in the compute dtype.
+    """
+    cd = torch.float64 if student.dtype == torch.float64 else torch.float32
+    d = token_divergence(student, teacher, kind, temperature=temperature, beta=beta, alpha=alpha, lam=lam)
+    if t_squared:
+        d = d * temperature**2
+    valid = torch.ones(student.shape[0], dtype=torch.bool, device=student.device) if labels is None \
+        else labels != ignore_index
+    if labels is not None and hard_weight != 0.0:
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        ce = F.cross_entropy(student.to(cd), safe, reduction="none")
+    else:
+        ce = torch.zeros_like(d)
+    zero = torch.zeros((), dtype=cd, device=student.device)
+    n = valid.sum().to(cd) if normalizer is None else torch.as_tensor(normalizer, dtype=cd, device=student.device)
+    n = torch.where(n > 0, n, torch.ones_like(n))  # every token masked: a loss of 0, not 0 / 0
+    soft = torch.where(valid, d, zero).sum() / n
+    hard = torch.where(valid, ce, zero).sum() / n
+    return soft_weight * soft + hard_weight * hard, soft, hard
