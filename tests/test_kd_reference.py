@@ -101,3 +101,49 @@ def test_unknown_divergence():
     z, t = logits()
     with pytest.raises(ValueError, match="kind='kl' is not one of"):
         kd.token_divergence(z, t, "kl")
+
+
+def _topk(t, k, T_gen=1.0):
+    lp = F.log_softmax(t / T_gen, -1)
+    vals, ids = lp.topk(k, -1)
+    return ids, vals
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_topk_modes_gradients(T):
+    """The closed-form student gradients of the three top-k modes (llm_kd.md Sec. 1.1)."""
+    z, t = logits(n=4, V=23, seed=6)
+    ids, lp = _topk(t, 5)
+    mask = torch.zeros_like(z, dtype=torch.bool).scatter(-1, ids, True)
+    q = F.softmax(z / T, -1)
+    p_S = torch.zeros_like(z).scatter(-1, ids, lp.exp())
+    P_S = p_S.sum(-1, keepdim=True)
+    Q_S = (q * mask).sum(-1, keepdim=True)
+    expect = {
+        "renorm_teacher": q - p_S / P_S,
+        "renorm_both": torch.where(mask, q / Q_S - p_S / P_S, torch.zeros_like(q)),
+        "tail_bucket": q - torch.where(mask, p_S, (1 - P_S) * q / (1 - Q_S)),
+    }
+    for mode, g in expect.items():
+        zz = z.clone().requires_grad_(True)
+        kd.topk_forward_kl(zz, ids, lp, mode=mode, temperature=T).sum().backward()
+        torch.testing.assert_close(zz.grad * T, g, msg=mode)
+
+
+def test_topk_with_every_token_is_full_forward_kl():
+    z, t = logits(n=3, V=11, seed=7)
+    ids, lp = _topk(t, 11)
+    full = kd.token_divergence(z, t, "forward_kl")
+    for mode in kd.TOPK_MODES:
+        torch.testing.assert_close(kd.topk_forward_kl(z, ids, lp, mode=mode), full, atol=1e-12, rtol=1e-9)
+
+
+def test_topk_generation_temperature_correction():
+    """Log-probs stored at T_gen, distilled at T: equal to storing the teacher at T directly."""
+    z, t = logits(n=3, V=13, seed=8)
+    ids, lp_gen = _topk(t, 13, T_gen=0.7)
+    direct = kd.token_divergence(z, t, "forward_kl", temperature=1.8)
+    corrected = kd.topk_forward_kl(z, ids, lp_gen, mode="renorm_teacher", temperature=1.8, gen_temperature=0.7)
+    torch.testing.assert_close(corrected, direct)
+    with pytest.raises(ValueError, match="mode='drop' is not one of"):
+        kd.topk_forward_kl(z, ids, lp_gen, mode="drop")

@@ -20,6 +20,10 @@ existing implementations: ../shared/research/llm_kd.md Sec. 1.
     taid            KL(p_lam || q), p_lam = softmax(lam v + (1 - lam) sg(u))      (TAID, Shing et al.
                     2025; lam a tensor, scheduled by the caller)
 
+Stored top-k teachers (``topk_forward_kl``): forward KL against k teacher log-probs per token, with the
+missing mass handled by renormalising the teacher, both, or a (k + 1)-th "tail" bucket, and stored
+log-probs re-tempered from the generation temperature.
+
 Temperature: the divergence is taken between the tempered distributions; with ``t_squared`` the loss
 is multiplied by T^2 (Hinton's convention: DistillKit, axolotl), without it not (Liger, TRL, Unsloth).
 The hard-label cross-entropy uses the untempered student logits (every library checked does).
@@ -105,3 +109,40 @@ def kd_loss(student, teacher, *, kind: str = "forward_kl", temperature: float = 
     soft = torch.where(valid, d, zero).sum() / n
     hard = torch.where(valid, ce, zero).sum() / n
     return soft_weight * soft + hard_weight * hard, soft, hard
+
+
+TOPK_MODES = ("renorm_teacher", "renorm_both", "tail_bucket")
+
+
+def topk_forward_kl(student, ids, logprobs, *, mode: str = "tail_bucket", temperature: float = 1.0,
+                    gen_temperature: float | None = None):
+    """Forward KL per row against a stored top-k teacher (ids [N, K], log-probs [N, K]).
+
+    With P_S = sum_S exp(l), q the tempered student softmax and Q_S = sum_S q (llm_kd.md Sec. 1.1):
+      renorm_teacher  p~ = exp(l) / P_S on S:          L = sum_S p~ (log p~ - log q)   (dense gradient)
+      renorm_both     q~ = q / Q_S on S too:            L = sum_S p~ (log p~ - log q~)
+      tail_bucket     (K + 1)-way: (p_S, 1 - P_S) vs (q_S, 1 - Q_S)
+    gen_temperature: the log-probs were stored at T_gen; at distillation temperature T the teacher is
+    p ∝ p_gen^(T_gen / T) (the tail mass raised to the same power in tail_bucket), renormalised.
+    """
+    cd = torch.float64 if student.dtype == torch.float64 else torch.float32
+    logq = F.log_softmax(student.to(cd) / temperature, -1)
+    logq_S = logq.gather(-1, ids)
+    lp = logprobs.to(cd)
+    log_tail_p = torch.log1p(-lp.exp().sum(-1).clamp(max=1.0))
+    if gen_temperature is not None:
+        r = gen_temperature / temperature
+        lp, log_tail_p = r * lp, r * log_tail_p
+    if mode == "tail_bucket":
+        z = torch.logsumexp(torch.cat([lp, log_tail_p.unsqueeze(-1)], -1), -1, keepdim=True)
+        lp, log_tail_p = lp - z, log_tail_p - z.squeeze(-1)
+        log_tail_q = torch.log1p(-logq_S.exp().sum(-1).clamp(max=1.0))
+        tail = torch.where(log_tail_p > float("-inf"), log_tail_p.exp() * (log_tail_p - log_tail_q),
+                           torch.zeros_like(log_tail_p))
+        return (lp.exp() * (lp - logq_S)).sum(-1) + tail
+    lp = lp - torch.logsumexp(lp, -1, keepdim=True)
+    if mode == "renorm_teacher":
+        return (lp.exp() * (lp - logq_S)).sum(-1)
+    if mode == "renorm_both":
+        return (lp.exp() * (lp - (logq_S - torch.logsumexp(logq_S, -1, keepdim=True)))).sum(-1)
+    raise ValueError(f"topk_forward_kl: mode={mode!r} is not one of {', '.join(TOPK_MODES)}")
