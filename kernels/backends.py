@@ -57,13 +57,13 @@ def default_backend() -> str:
     return _default_stack[-1]
 
 
-def requested(op: str, backend: str | None, device: torch.device) -> str:
+def requested(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
     """The backend argument a public op passes to its custom op: the default when None, checked here
     so that an unknown or unusable backend is reported under the user's op name (the custom op
     resolves "auto" itself, inside the graph)."""
     backend = default_backend() if backend is None else backend
     if backend != "auto":
-        resolve(op, backend, device)
+        resolve(op, backend, device, implemented)
     return backend
 
 
@@ -121,16 +121,19 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 _announced: set[tuple[str, str, str]] = set()
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> str:
+def resolve(op: str, backend: str | None, device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
     """The concrete backend for one call of ``op`` on ``device`` tensors (see module docstring)."""
     requested = backend if backend is not None else default_backend()
     if requested == "auto":
         order = _AUTO_ORDER.get(device.type, ("reference",))
-        chosen = next(name for name in order if backend_status(name, device)[0])
+        chosen = next(name for name in order if name in implemented and backend_status(name, device)[0])
         _announce(op, device.type, chosen)
         return chosen
     if requested not in BACKENDS:
         raise ValueError(f"{op}: backend={requested!r} is not a backend; choose one of auto, {', '.join(BACKENDS)}")
+    if requested not in implemented:
+        raise RuntimeError(f"{op}: backend {requested!r} is not implemented for this op yet "
+                           f"(implemented: {', '.join(implemented)})")
     usable, why = backend_status(requested, device)
     if not usable:
         raise RuntimeError(f"{op}: backend {requested!r} cannot run on {device.type} tensors: {why}")

@@ -147,3 +147,13 @@ def test_topk_generation_temperature_correction():
     torch.testing.assert_close(corrected, direct)
     with pytest.raises(ValueError, match="mode='drop' is not one of"):
         kd.topk_forward_kl(z, ids, lp_gen, mode="drop")
+
+
+@pytest.mark.parametrize("kind", [k for k in kd.DIVERGENCES if k != "taid"])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_token_grad_is_the_autograd_gradient(kind, beta):
+    z, t = logits(seed=9)
+    zz = z.clone().requires_grad_(True)
+    kw = dict(temperature=1.7, beta=beta, alpha=0.2, lam=0.6)
+    kd.token_divergence(zz, t, kind, **kw).sum().backward()
+    torch.testing.assert_close(kd.token_grad(z, t, kind, **kw), zz.grad)

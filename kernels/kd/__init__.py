@@ -1,1 +1,210 @@
-"""Logit knowledge distillation (issue #4): so far the reference (the spec); the fused ops follow."""
+"""Logit knowledge distillation (issue #4). So far: ``kd_loss`` on logits already in memory, in the
+reference and cpu backends (the Triton and CUDA row kernels, the fused-linear and top-k ops follow).
+
+    kd_loss(student_logits, teacher_logits, *, divergence="forward_kl", temperature=1.0,
+            t_squared=False, beta=0.5, alpha=0.1, lam=0.5, labels=None, ignore_index=-100,
+            hard_weight=0.0, soft_weight=1.0, normalizer=None, return_parts=False, backend=None)
+
+Logits are [..., V] (tokens first, vocabulary last), student and teacher of one shape, dtype and
+device; argument order is always (student, teacher), and "forward" KL is KL(teacher || student). The
+divergence is taken between the tempered distributions (times T^2 with ``t_squared``); the hard-label
+cross-entropy (``hard_weight`` > 0, with ``labels``) on the untempered student logits, in the same
+pass. Tokens whose label is ``ignore_index`` count in neither term. The loss is
+(soft_weight * sum soft + hard_weight * sum hard) / normalizer, the normalizer being the number of
+valid tokens or a given tensor (e.g. the global count for gradient accumulation), and 0 with zero
+gradients when every token is masked; no host synchronization. The math and its sources are in
+``reference.py``.
+
+The CPU kernel makes one pass over memory per row (the row's later passes hit cache) and writes
+dloss/dstudent in the forward (with the per-row weights folded in); the backward scales it by the
+upstream gradient (grad_scale). Traffic: read student and teacher, write the gradient, once each.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from flashdistill.kernels import backends, checks, grad_scale, native  # noqa: F401 (grad_scale registers its op)
+from flashdistill.kernels.kd import reference
+
+OP = "kd_loss"
+KINDS = {name: i for i, name in enumerate(("forward_kl", "reverse_kl", "jsd", "jsd_normalized", "tvd",
+                                           "skew_forward_kl", "skew_reverse_kl", "mixed"))}
+IMPLEMENTED = ("reference",)  # + "cpu" when its row kernel lands
+
+__all__ = ["kd_loss"]
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str = "forward_kl",
+            temperature: float = 1.0, t_squared: bool = False, beta: float = 0.5, alpha: float = 0.1,
+            lam: float = 0.5, labels: Optional[Tensor] = None, ignore_index: int = -100, hard_weight: float = 0.0,
+            soft_weight: float = 1.0, normalizer=None, return_parts: bool = False, backend: Optional[str] = None):
+    """Distillation loss between student and teacher logits (see the module docstring).
+
+    Returns the 0-d loss (float32; float64 for float64 logits), or (loss, soft, hard) with
+    ``return_parts`` (the two terms, each already divided by the normalizer, detached).
+    """
+    s, t = student_logits, teacher_logits
+    checks.tensor(OP, "student_logits", s, min_dim=1)
+    checks.like(OP, "teacher_logits", t, "student_logits", s)
+    backend = backends.requested(OP, backend, s.device, IMPLEMENTED)
+    if divergence not in KINDS:
+        raise ValueError(f"{OP}: divergence={divergence!r} is not one of {', '.join(KINDS)}")
+    for name, v in (("temperature", temperature), ("beta", beta), ("alpha", alpha), ("lam", lam),
+                    ("hard_weight", hard_weight), ("soft_weight", soft_weight)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{OP}: {name} must be a finite float, got {v!r}")
+    if temperature <= 0:
+        raise ValueError(f"{OP}: temperature must be > 0, got {temperature}")
+    for name, v in (("beta", beta), ("alpha", alpha), ("lam", lam)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{OP}: {name} must be in [0, 1], got {v}")
+    if divergence.startswith("skew") and alpha == 1.0:
+        raise ValueError(f"{OP}: alpha must be < 1 for {divergence} (alpha = 1 makes it identically 0)")
+    V = s.shape[-1]
+    s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
+    N = s2.shape[0]
+    cd = checks.compute_dtype(s.dtype)
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != s.shape[:-1] \
+                or labels.device != s.device:
+            raise ValueError(f"{OP}: labels must be an int64 tensor of shape {tuple(s.shape[:-1])} on {s.device}, got "
+                             f"{type(labels).__name__ if not isinstance(labels, Tensor) else (tuple(labels.shape), labels.dtype, labels.device)}")
+        labels = labels.reshape(-1)
+        valid = labels != ignore_index
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # no device sync there
+            bad = valid & ((labels < 0) | (labels >= V))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"{OP}: labels[{i}] = {int(labels[i])} is outside [0, {V}) and is not "
+                                 f"ignore_index={ignore_index}")
+    else:
+        if hard_weight != 0.0:
+            raise ValueError(f"{OP}: hard_weight={hard_weight} needs labels")
+        valid = torch.ones(N, dtype=torch.bool, device=s.device)
+    if normalizer is None:
+        n = valid.sum().to(cd)
+    else:
+        if isinstance(normalizer, Tensor):
+            if normalizer.numel() != 1 or normalizer.device != s.device:
+                raise ValueError(f"{OP}: normalizer must be a float or a one-element tensor on {s.device}")
+            n = normalizer.reshape(()).to(cd)
+        else:
+            n = torch.tensor(float(normalizer), dtype=cd, device=s.device)
+    n = torch.where(n > 0, n, torch.ones_like(n))  # every token masked: loss 0, not 0 / 0
+    t2f = temperature**2 if t_squared else 1.0
+    zero = torch.zeros((), dtype=cd, device=s.device)
+    row_w = torch.where(valid, soft_weight * t2f / n, zero)
+    hard_w = torch.where(valid, hard_weight / n, zero) if hard_weight != 0.0 else None
+    hard_labels = torch.where(valid, labels, -1) if hard_w is not None else None
+    loss, soft, hard, _ = torch.ops.flashdistill.kd_loss(s2, t2, KINDS[divergence], float(temperature), float(beta),
+                                                      float(alpha), float(lam), row_w, hard_labels, hard_w, backend)
+    if return_parts:
+        return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# backends: (loss, soft_sum, hard_sum, grad) with loss = sum row_w soft_rows + sum hard_w hard_rows,
+# soft_sum = sum over valid rows of the divergence, hard_sum likewise of the cross-entropy
+
+_NAMES = {v: k for k, v in KINDS.items()}
+
+
+def _finish(soft_rows, hard_rows, row_w, hard_w):
+    loss = (row_w * soft_rows).sum()
+    soft = torch.where(row_w != 0, soft_rows, torch.zeros_like(soft_rows)).sum()
+    hard = torch.zeros_like(loss)
+    if hard_w is not None:
+        loss = loss + (hard_w * hard_rows).sum()
+        hard = torch.where(hard_w != 0, hard_rows, torch.zeros_like(hard_rows)).sum()
+    return loss, soft, hard
+
+
+def _reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
+    cd = checks.compute_dtype(s2.dtype)
+    z = s2.to(cd)
+    zero = torch.zeros((), dtype=cd, device=s2.device)
+    kw = dict(temperature=T, beta=beta, alpha=alpha, lam=lam)
+    masked = (row_w == 0).unsqueeze(-1)
+    soft_rows = torch.where(row_w != 0, reference.token_divergence(z, t2, _NAMES[kind], **kw), zero)
+    grad = torch.where(masked, zero, row_w.unsqueeze(-1) * reference.token_grad(z, t2, _NAMES[kind], **kw))
+    hard_rows = torch.zeros_like(soft_rows)
+    if hard_w is not None:
+        has = labels >= 0
+        safe = torch.where(has, labels, torch.zeros_like(labels))
+        hard_rows = torch.where(has, torch.nn.functional.cross_entropy(z, safe, reduction="none"), zero)
+        onehot = torch.nn.functional.one_hot(safe, z.shape[-1]).to(cd)
+        g_ce = torch.softmax(z, -1) - onehot
+        grad = grad + torch.where(has.unsqueeze(-1), hard_w.unsqueeze(-1) * g_ce, zero)
+    loss, soft, hard = _finish(soft_rows, hard_rows, row_w, hard_w)
+    return loss, soft, hard, grad.to(s2.dtype)
+
+
+def _cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
+    mod = native.cpu_module()[0]
+    N, V = s2.shape
+    s2, t2 = native.rows(s2), native.rows(t2)
+    cd = checks.compute_dtype(s2.dtype)
+    grad = native.empty((N, V), s2.dtype, s2.device)
+    soft_rows = native.empty((N,), cd, s2.device)
+    hard_rows = native.empty((N,), cd, s2.device) if hard_w is not None else None
+    row_w = row_w.contiguous()
+    labels = native.contiguous(labels)
+    hard_w = native.contiguous(hard_w)
+    mod.kd_forward(native.DTYPE_CODES[s2.dtype], N, V, s2.data_ptr(), s2.stride(0), t2.data_ptr(), t2.stride(0),
+                   kind, T, beta, alpha, lam, row_w.data_ptr(), native.ptr(labels), native.ptr(hard_w),
+                   grad.data_ptr(), soft_rows.data_ptr(), native.ptr(hard_rows))
+    loss, soft, hard = _finish(soft_rows, hard_rows if hard_rows is not None else torch.zeros_like(soft_rows),
+                               row_w, hard_w)
+    return loss, soft, hard, grad
+
+
+_IMPLS = {"reference": _reference, "cpu": _cpu}
+
+
+def _validate(s2, t2, row_w, labels, hard_w):
+    checks.tensor(OP, "student_logits", s2, min_dim=2)
+    checks.like(OP, "teacher_logits", t2, "student_logits", s2)
+    cd, N = checks.compute_dtype(s2.dtype), s2.shape[0]
+    checks.per_sample(OP, "row_weight", row_w, N, cd, s2.device)
+    if hard_w is not None:
+        checks.per_sample(OP, "hard_weight", hard_w, N, cd, s2.device)
+        if labels is None or labels.shape != (N,) or labels.dtype != torch.int64:
+            raise ValueError(f"{OP}: labels must be int64 of shape ({N},) with hard_weight")
+
+
+@torch.library.custom_op("flashdistill::kd_loss", mutates_args=())
+def _kd_op(s2: Tensor, t2: Tensor, kind: int, temperature: float, beta: float, alpha: float, lam: float,
+           row_w: Tensor, labels: Optional[Tensor], hard_w: Optional[Tensor],
+           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, soft sum, hard sum, d loss / d student) for [N, V] logits."""
+    _validate(s2, t2, row_w, labels, hard_w)
+    name = backends.resolve(OP, backend, s2.device, IMPLEMENTED)
+    return _IMPLS[name](s2, t2, kind, temperature, beta, alpha, lam, row_w, labels, hard_w)
+
+
+@_kd_op.register_fake
+def _(s2, t2, kind, temperature, beta, alpha, lam, row_w, labels, hard_w, backend):
+    _validate(s2, t2, row_w, labels, hard_w)
+    cd = checks.compute_dtype(s2.dtype)
+    scalar = s2.new_empty((), dtype=cd)
+    return scalar, s2.new_empty((), dtype=cd), s2.new_empty((), dtype=cd), torch.empty_like(s2)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[3])
+    ctx.backend = inputs[-1]
+
+
+def _backward(ctx, grad_loss, grad_soft, grad_hard, grad_grad):
+    (g,) = ctx.saved_tensors
+    # only the loss is differentiable (soft and hard are returned detached by kd_loss)
+    return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * 10
+
+
+_kd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -146,3 +146,43 @@ def topk_forward_kl(student, ids, logprobs, *, mode: str = "tail_bucket", temper
     if mode == "renorm_both":
         return (lp.exp() * (lp - (logq_S - torch.logsumexp(logq_S, -1, keepdim=True)))).sum(-1)
     raise ValueError(f"topk_forward_kl: mode={mode!r} is not one of {', '.join(TOPK_MODES)}")
+
+
+def token_grad(student, teacher, kind: str, *, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+               lam: float = 0.5):
+    """d token_divergence / d student logits in closed form (llm_kd.md Sec. 1's table; tests check it
+    against autograd of ``token_divergence``), in float32 (float64 for float64 input)."""
+    cd = torch.float64 if student.dtype == torch.float64 else torch.float32
+    T = temperature
+    u, v = student.to(cd) / T, teacher.to(cd) / T
+    logq, logp = F.log_softmax(u, -1), F.log_softmax(v, -1)
+    q, p = logq.exp(), logp.exp()
+
+    def softmax_jvp(a):  # d/du of sum f(q) with a = df/dq: q (a - sum q a)
+        return q * (a - (q * a).sum(-1, keepdim=True))
+
+    def rkl_grad():
+        return softmax_jvp(logq - logp)
+
+    if kind == "forward_kl" or (kind in ("jsd", "jsd_normalized") and beta == 0.0):
+        g = q - p
+    elif kind == "reverse_kl" or (kind in ("jsd", "jsd_normalized") and beta == 1.0):
+        g = rkl_grad()
+    elif kind in ("jsd", "jsd_normalized"):
+        logm = torch.log(beta * p + (1 - beta) * q)
+        g = (1 - beta) * softmax_jvp(logq - logm)
+        if kind == "jsd_normalized":
+            g = g / (beta * (1 - beta))
+    elif kind == "tvd":
+        g = softmax_jvp(0.5 * torch.sign(q - p))
+    elif kind == "skew_forward_kl":
+        m = alpha * p + (1 - alpha) * q
+        g = (1 - alpha) * softmax_jvp(-p / m)
+    elif kind == "skew_reverse_kl":
+        m = (1 - alpha) * p + alpha * q
+        g = softmax_jvp(logq - torch.log(m) - alpha * q / m)
+    elif kind == "mixed":
+        g = lam * (q - p) + (1 - lam) * rkl_grad()
+    else:
+        raise ValueError(f"token_grad: kind={kind!r} is not one of {', '.join(DIVERGENCES[:-1])}")
+    return g / T

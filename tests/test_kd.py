@@ -1,0 +1,127 @@
+"""kd_loss: every implemented backend against the float64 spec (kernels/kd/reference.py), options,
+masking, the torch.library contract and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashdistill as fd
+from flashdistill.kernels import kd as kd_mod
+from flashdistill.kernels.kd import reference
+from oracle import as_oracle, assert_within_budget, backends_under_test, randn
+
+BACKENDS = [b for b in backends_under_test("cpu") if b in kd_mod.IMPLEMENTED]
+DIVS = list(kd_mod.KINDS)
+
+
+def make(N, V, dtype, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return randn((N, V), dtype, generator=g, scale=scale), randn((N, V), dtype, generator=g, scale=scale)
+
+
+def check(backend, z, t, **kw):
+    labels = kw.get("labels")
+    zz = z.clone().requires_grad_(True)
+    loss, soft, hard = fd.kd_loss(zz, t, return_parts=True, backend=backend, **kw)
+    (loss * 1.3).backward()
+    zr = z.clone().requires_grad_(True)
+    loss_r, _, _ = fd.kd_loss(zr, t, return_parts=True, backend="reference", **kw)
+    (loss_r * 1.3).backward()
+    z64 = as_oracle(z).requires_grad_(True)
+    rk = {k: v for k, v in kw.items() if k not in ("divergence",)}
+    V = z.shape[-1]
+    if isinstance(rk.get("labels"), torch.Tensor):
+        rk["labels"] = rk["labels"].reshape(-1)
+    loss64, soft64, hard64 = reference.kd_loss(z64.reshape(-1, V), as_oracle(t).reshape(-1, V),
+                                               kind=kw.get("divergence", "forward_kl"), **rk)
+    (loss64 * 1.3).backward()
+    cd = torch.float64 if z.dtype == torch.float64 else torch.float32
+    what = f"kd_loss {backend} {tuple(z.shape)} {z.dtype} {kw.get('divergence')}"
+    assert loss.dtype == cd and zz.grad.dtype == z.dtype
+    assert_within_budget(f"loss [{what}]", loss, loss64, loss_r, cd, n_reduce=z.numel())
+    assert_within_budget(f"grad [{what}]", zz.grad, z64.grad, zr.grad, z.dtype, n_reduce=z.shape[-1], cancels=True)
+    return labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_divergences(backend, divergence, dtype):
+    z, t = make(5, 301, dtype, seed=DIVS.index(divergence))
+    check(backend, z, t, divergence=divergence, temperature=2.0, beta=0.3, alpha=0.1, lam=0.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_endpoints(backend, beta):
+    z, t = make(3, 64, torch.float64, seed=1)
+    check(backend, z, t, divergence="jsd", beta=beta)
+    check(backend, z, t, divergence="jsd_normalized", beta=beta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masking_hard_label_temperature(backend):
+    z, t = make(7, 1000, torch.float32, seed=3)
+    labels = torch.tensor([3, -100, 999, 0, -100, 7, 500])
+    check(backend, z, t, divergence="forward_kl", temperature=1.5, t_squared=True, labels=labels, hard_weight=0.4,
+          soft_weight=0.6)
+    check(backend, z, t, divergence="reverse_kl", labels=labels, normalizer=torch.tensor(11.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_masked_is_zero(backend):
+    z, t = make(3, 20, torch.float32, seed=4)
+    zz = z.clone().requires_grad_(True)
+    loss = fd.kd_loss(zz, t, labels=torch.full((3,), -100), hard_weight=1.0, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(zz.grad, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_large_vocab(backend):
+    z, t = make(2 * 3, 70001, torch.float32, seed=5, scale=2.0)
+    z3, t3 = z.reshape(2, 3, -1), t.reshape(2, 3, -1)
+    check(backend, z3, t3, divergence="jsd", beta=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    z, t = make(4, 33, torch.float32, seed=6)
+    w = torch.full((4,), 0.25)
+    torch.library.opcheck(torch.ops.flashdistill.kd_loss.default,
+                          (z.clone().requires_grad_(True), t, 2, 2.0, 0.3, 0.1, 0.5, w, torch.tensor([1, -1, 5, 0]),
+                           w * 2, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_matches_eager(backend):
+    z, t = make(4, 50, torch.float32, seed=7)
+    labels = torch.tensor([1, 2, -100, 4])
+
+    def step(z, t):
+        return fd.kd_loss(z, t, divergence="mixed", lam=0.3, labels=labels, hard_weight=0.2, backend=backend)
+
+    outs = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        zz = z.clone().requires_grad_(True)
+        loss = fn(zz, t)
+        loss.backward()
+        outs.append((loss, zz.grad))
+    torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda z, t: fd.kd_loss(z, t[:, :5]), r"kd_loss: argument 'teacher_logits' must match 'student_logits'"),
+    (lambda z, t: fd.kd_loss(z, t, divergence="kl"), r"kd_loss: divergence='kl' is not one of"),
+    (lambda z, t: fd.kd_loss(z, t, temperature=0.0), r"kd_loss: temperature must be > 0"),
+    (lambda z, t: fd.kd_loss(z, t, beta=1.5), r"kd_loss: beta must be in \[0, 1\]"),
+    (lambda z, t: fd.kd_loss(z, t, hard_weight=1.0), r"kd_loss: hard_weight=1.0 needs labels"),
+    (lambda z, t: fd.kd_loss(z, t, labels=torch.tensor([0, 1, 2])), r"kd_loss: labels must be an int64 tensor of shape \(4,\)"),
+    (lambda z, t: fd.kd_loss(z, t, labels=torch.tensor([0, 1, 2, 10])), r"kd_loss: labels\[3\] = 10 is outside \[0, 10\)"),
+    (lambda z, t: fd.kd_loss(z, t, backend="triton"), r"kd_loss: backend 'triton' is not implemented for this op yet"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(call, match):
+    z, t = make(4, 10, torch.float32, seed=8)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call(z, t)
