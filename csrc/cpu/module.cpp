@@ -119,6 +119,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("t1"), py::arg("t1_bs"), py::arg("t2"), py::arg("t2_bs"), py::arg("coef"), py::arg("kind"),
         py::arg("c"), py::arg("k"), py::arg("gpred"), py::arg("stream"));
 
+  m.def("kd_forward", &fd::kd_forward, release(),
+        "kd_loss row kernel: per-row divergence, hard CE and dL/dz (csrc/cpu/kd.cpp).",
+        py::arg("dtype"), py::arg("N"), py::arg("V"), py::arg("student"), py::arg("s_stride"),
+        py::arg("teacher"), py::arg("t_stride"), py::arg("kind"), py::arg("temperature"), py::arg("beta"),
+        py::arg("alpha"), py::arg("lam"), py::arg("row_weight"), py::arg("labels"), py::arg("hard_weight"),
+        py::arg("grad"), py::arg("soft_rows"), py::arg("hard_rows"));
+
   m.def("build_info", &build_info, "How this module was compiled: compiler, OpenMP, ISA extensions.");
   m.def("omp_max_threads", &omp_max_threads, "omp_get_max_threads() (1 without OpenMP).");
 }

@@ -53,5 +53,13 @@ void regression_backward(int64_t dtype, int64_t B, int64_t D,
                          uintptr_t pred, int64_t pred_bs, uintptr_t t1, int64_t t1_bs, uintptr_t t2, int64_t t2_bs,
                          uintptr_t coef, int64_t kind, double c, uintptr_t k, uintptr_t gpred, uintptr_t stream);
 
+// kd.cpp: the row kernel of kd_loss on logits (csrc/cpu/kd.cpp top comment; kernels/kd/reference.py):
+// per row the tempered divergence D (soft_rows), the hard CE (hard_rows, may be 0) and grad [N, V] =
+// row_weight * dD/dz + hard_weight * (softmax(z) - onehot(label)). kind: include/flashdistill/kd.h.
+void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, uintptr_t teacher,
+                int64_t t_stride, int64_t kind, double temperature, double beta, double alpha, double lam,
+                uintptr_t row_weight, uintptr_t labels, uintptr_t hard_weight, uintptr_t grad, uintptr_t soft_rows,
+                uintptr_t hard_rows);
+
 }  // namespace cpu
 }  // namespace flashdistill
