@@ -34,7 +34,7 @@ from flashdistill.kernels.kd import reference
 OP = "kd_loss"
 KINDS = {name: i for i, name in enumerate(("forward_kl", "reverse_kl", "jsd", "jsd_normalized", "tvd",
                                            "skew_forward_kl", "skew_reverse_kl", "mixed"))}
-IMPLEMENTED = ("reference",)  # + "cpu" when its row kernel lands
+IMPLEMENTED = ("reference", "cpu")
 
 __all__ = ["kd_loss"]
 
