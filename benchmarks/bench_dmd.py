@@ -52,31 +52,6 @@ def import_flashdistill():
     return flashdistill, reference
 
 
-def parse_shapes(text: str) -> list[tuple[int, ...]]:
-    return [tuple(int(d) for d in s.strip().split("x")) for s in text.split(",") if s.strip()]
-
-
-def choose_backends(fd, cfg: harness.Config) -> list[str]:
-    device = cfg.device
-    avail = list(fd.available_backends(device))
-    status = getattr(fd, "backend_status", None)
-    if cfg.backends is not None:
-        for b in cfg.backends:
-            if b != "auto" and b not in avail:
-                why = status(b, device)[1] if status else "not in available_backends"
-                raise SystemExit(f"bench_dmd: backend {b!r} is not available on {device}: {why}")
-        if "triton" in cfg.backends and device.type == "cpu":
-            harness.log("[dmd] warning: triton on the CPU runs in the interpreter; its times mean nothing")
-        return cfg.backends
-    chosen = [b for b in avail if b != "reference" and not (b == "triton" and device.type == "cpu")]
-    skipped = ["reference (= eager)"] + (["triton (interpreter on CPU)"] if "triton" in avail and device.type == "cpu" else [])
-    for b in getattr(fd, "BACKENDS", ()):
-        if b not in avail:
-            skipped.append(f"{b} ({status(b, device)[1] if status else 'unavailable'})")
-    harness.log(f"[dmd] flashdistill backends timed: {', '.join(chosen) or 'none'}; skipped: {'; '.join(skipped)}")
-    return chosen
-
-
 def loss_kwargs(real_uncond, guidance):
     return {} if real_uncond is None else {"real_uncond": real_uncond, "guidance": guidance}
 
@@ -137,8 +112,8 @@ def main(argv=None) -> int:
     a = cfg.args
     fd, reference = import_flashdistill()
     device, dtype = cfg.device, cfg.dtype_or(cpu=torch.float32, cuda=torch.bfloat16)
-    shapes = parse_shapes(a.shapes) if a.shapes else (QUICK_SHAPES if cfg.quick else SHAPES)
-    backends = choose_backends(fd, cfg)
+    shapes = harness.parse_shapes(a.shapes) if a.shapes else (QUICK_SHAPES if cfg.quick else SHAPES)
+    backends = harness.choose_backends(fd, cfg, "dmd")
     bench = harness.Bench("dmd", cfg)
 
     ref = reference.dmd_loss

@@ -229,29 +229,6 @@ def select_cases(cases: list[Case], text: str | None) -> list[Case]:
 # Impls and inputs
 
 
-def parse_shapes(text: str) -> list[tuple[int, ...]]:
-    return [tuple(int(d) for d in s.strip().split("x")) for s in text.split(",") if s.strip()]
-
-
-def choose_backends(fd, cfg: harness.Config) -> list[str]:
-    """As bench_dmd: every available backend except reference (= eager) and triton on the CPU."""
-    device = cfg.device
-    avail = list(fd.available_backends(device))
-    if cfg.backends is not None:
-        for b in cfg.backends:
-            if b != "auto" and b not in avail:
-                raise SystemExit(f"bench_score_losses: backend {b!r} is not available on {device}: "
-                                 f"{fd.backend_status(b, device)[1]}")
-        if "triton" in cfg.backends and device.type == "cpu":
-            log("warning: triton on the CPU runs in the interpreter; its times mean nothing")
-        return cfg.backends
-    chosen = [b for b in avail if b != "reference" and not (b == "triton" and device.type == "cpu")]
-    skipped = ["reference (= eager)"] + (["triton (interpreter on CPU)"] if "triton" in avail and device.type == "cpu" else [])
-    skipped += [f"{b} ({fd.backend_status(b, device)[1]})" for b in fd.BACKENDS if b not in avail]
-    log(f"flashdistill backends timed: {', '.join(chosen) or 'none'}; skipped: {'; '.join(skipped)}")
-    return chosen
-
-
 def make_step(call: Callable, fn: Callable, names: tuple[str, ...]):
     """The timed run: loss, then backward. Inputs come positionally (the pool's tuple): full tensors
     in ``names`` order, then the dict of small ones."""
@@ -322,9 +299,9 @@ def main(argv=None) -> int:
     fd, params, diff_ref, ident_ref, reg_ref = import_flashdistill()
     device, dtype = cfg.device, cfg.dtype_or(cpu=torch.float32, cuda=torch.bfloat16)
     cd = torch.float64 if dtype == torch.float64 else torch.float32  # the ops' compute dtype
-    shapes = parse_shapes(a.shapes) if a.shapes else (QUICK_SHAPES if cfg.quick else SHAPES)
+    shapes = harness.parse_shapes(a.shapes) if a.shapes else (QUICK_SHAPES if cfg.quick else SHAPES)
     cases = select_cases(make_cases(fd, params, diff_ref, ident_ref, reg_ref), a.ops)
-    backends = choose_backends(fd, cfg)
+    backends = harness.choose_backends(fd, cfg, "score_losses")
     bench = harness.Bench(NAME, cfg)
 
     compiled = {}  # one torch.compile wrapper per reference function; it recompiles per shape / case

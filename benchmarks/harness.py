@@ -715,6 +715,34 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    """``--shapes`` text like ``16x4x64x64,8x16x16x64x64`` as tuples."""
+    return [tuple(int(d) for d in s.strip().split("x")) for s in text.split(",") if s.strip()]
+
+
+def choose_backends(fd, cfg: Config, name: str) -> list[str]:
+    """The flashdistill backends a benchmark times: ``--backends`` as given (each must be available),
+    else every available one except reference (that is eager) and triton on the CPU (interpreter
+    times mean nothing); says which were skipped and why. ``fd`` is the imported package."""
+    device = cfg.device
+    avail = list(fd.available_backends(device))
+    if cfg.backends is not None:
+        for b in cfg.backends:
+            if b != "auto" and b not in avail:
+                raise SystemExit(f"{name}: backend {b!r} is not available on {device}: "
+                                 f"{fd.backend_status(b, device)[1]}")
+        if "triton" in cfg.backends and device.type == "cpu":
+            log(f"[{name}] warning: triton on the CPU runs in the interpreter; its times mean nothing")
+        return cfg.backends
+    chosen = [b for b in avail if b != "reference" and not (b == "triton" and device.type == "cpu")]
+    skipped = ["reference (= eager)"]
+    if "triton" in avail and device.type == "cpu":
+        skipped.append("triton (interpreter on CPU)")
+    skipped += [f"{b} ({fd.backend_status(b, device)[1]})" for b in fd.BACKENDS if b not in avail]
+    log(f"[{name}] flashdistill backends timed: {', '.join(chosen) or 'none'}; skipped: {'; '.join(skipped)}")
+    return chosen
+
+
 class Bench:
     """Collects the rows of one benchmark run: measures, keeps failures, prints and saves at the end."""
 
