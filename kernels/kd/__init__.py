@@ -36,7 +36,7 @@ KINDS = {name: i for i, name in enumerate(("forward_kl", "reverse_kl", "jsd", "j
                                            "skew_forward_kl", "skew_reverse_kl", "mixed"))}
 IMPLEMENTED = ("reference", "cpu")
 
-__all__ = ["kd_loss"]
+__all__ = ["kd_loss", "fused_linear_kd_loss"]
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str = "forward_kl",
@@ -52,60 +52,81 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str =
     checks.tensor(OP, "student_logits", s, min_dim=1)
     checks.like(OP, "teacher_logits", t, "student_logits", s)
     backend = backends.requested(OP, backend, s.device, IMPLEMENTED)
+    check_options(OP, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
+    V = s.shape[-1]
+    s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
+    row_w, hard_w, hard_labels, t2f, n = token_weights(
+        OP, s.shape[:-1], V, s.device, checks.compute_dtype(s.dtype), labels=labels, ignore_index=ignore_index,
+        hard_weight=hard_weight, soft_weight=soft_weight, normalizer=normalizer, temperature=temperature,
+        t_squared=t_squared)
+    loss, soft, hard, _ = torch.ops.flashdistill.kd_loss(s2, t2, KINDS[divergence], float(temperature), float(beta),
+                                                      float(alpha), float(lam), row_w, hard_labels, hard_w, backend)
+    if return_parts:
+        return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
+    return loss
+
+
+def check_options(op, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight):
+    """The float options every KD op shares: finite, in range, a known divergence."""
     if divergence not in KINDS:
-        raise ValueError(f"{OP}: divergence={divergence!r} is not one of {', '.join(KINDS)}")
+        raise ValueError(f"{op}: divergence={divergence!r} is not one of {', '.join(KINDS)}")
     for name, v in (("temperature", temperature), ("beta", beta), ("alpha", alpha), ("lam", lam),
                     ("hard_weight", hard_weight), ("soft_weight", soft_weight)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise ValueError(f"{OP}: {name} must be a finite float, got {v!r}")
+            raise ValueError(f"{op}: {name} must be a finite float, got {v!r}")
     if temperature <= 0:
-        raise ValueError(f"{OP}: temperature must be > 0, got {temperature}")
+        raise ValueError(f"{op}: temperature must be > 0, got {temperature}")
     for name, v in (("beta", beta), ("alpha", alpha), ("lam", lam)):
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{OP}: {name} must be in [0, 1], got {v}")
+            raise ValueError(f"{op}: {name} must be in [0, 1], got {v}")
     if divergence.startswith("skew") and alpha == 1.0:
-        raise ValueError(f"{OP}: alpha must be < 1 for {divergence} (alpha = 1 makes it identically 0)")
-    V = s.shape[-1]
-    s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
-    N = s2.shape[0]
-    cd = checks.compute_dtype(s.dtype)
+        raise ValueError(f"{op}: alpha must be < 1 for {divergence} (alpha = 1 makes it identically 0)")
+
+
+def token_weights(op, token_shape, V, device, cd, *, labels, ignore_index, hard_weight, soft_weight, normalizer,
+                  temperature, t_squared):
+    """Per-token weights of the kernels' ABI from the user's masking and normalization options.
+
+    Returns (row_w [N], hard_w [N] or None, hard_labels [N] or None, T^2 factor, normalizer n): the loss
+    is sum row_w * D + sum hard_w * CE, masked tokens have weight 0 (and label -1), n > 0. No host sync
+    (labels on the CPU are range-checked).
+    """
+    N = math.prod(token_shape)
     if labels is not None:
-        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != s.shape[:-1] \
-                or labels.device != s.device:
-            raise ValueError(f"{OP}: labels must be an int64 tensor of shape {tuple(s.shape[:-1])} on {s.device}, got "
-                             f"{type(labels).__name__ if not isinstance(labels, Tensor) else (tuple(labels.shape), labels.dtype, labels.device)}")
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != tuple(token_shape) \
+                or labels.device != device:
+            got = type(labels).__name__ if not isinstance(labels, Tensor) else \
+                (tuple(labels.shape), labels.dtype, labels.device)
+            raise ValueError(f"{op}: labels must be an int64 tensor of shape {tuple(token_shape)} on {device}, "
+                             f"got {got}")
         labels = labels.reshape(-1)
         valid = labels != ignore_index
         if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # no device sync there
             bad = valid & ((labels < 0) | (labels >= V))
             if bool(bad.any()):
                 i = int(bad.nonzero()[0])
-                raise ValueError(f"{OP}: labels[{i}] = {int(labels[i])} is outside [0, {V}) and is not "
+                raise ValueError(f"{op}: labels[{i}] = {int(labels[i])} is outside [0, {V}) and is not "
                                  f"ignore_index={ignore_index}")
     else:
         if hard_weight != 0.0:
-            raise ValueError(f"{OP}: hard_weight={hard_weight} needs labels")
-        valid = torch.ones(N, dtype=torch.bool, device=s.device)
+            raise ValueError(f"{op}: hard_weight={hard_weight} needs labels")
+        valid = torch.ones(N, dtype=torch.bool, device=device)
     if normalizer is None:
         n = valid.sum().to(cd)
     else:
         if isinstance(normalizer, Tensor):
-            if normalizer.numel() != 1 or normalizer.device != s.device:
-                raise ValueError(f"{OP}: normalizer must be a float or a one-element tensor on {s.device}")
+            if normalizer.numel() != 1 or normalizer.device != device:
+                raise ValueError(f"{op}: normalizer must be a float or a one-element tensor on {device}")
             n = normalizer.reshape(()).to(cd)
         else:
-            n = torch.tensor(float(normalizer), dtype=cd, device=s.device)
+            n = torch.tensor(float(normalizer), dtype=cd, device=device)
     n = torch.where(n > 0, n, torch.ones_like(n))  # every token masked: loss 0, not 0 / 0
     t2f = temperature**2 if t_squared else 1.0
-    zero = torch.zeros((), dtype=cd, device=s.device)
+    zero = torch.zeros((), dtype=cd, device=device)
     row_w = torch.where(valid, soft_weight * t2f / n, zero)
     hard_w = torch.where(valid, hard_weight / n, zero) if hard_weight != 0.0 else None
     hard_labels = torch.where(valid, labels, -1) if hard_w is not None else None
-    loss, soft, hard, _ = torch.ops.flashdistill.kd_loss(s2, t2, KINDS[divergence], float(temperature), float(beta),
-                                                      float(alpha), float(lam), row_w, hard_labels, hard_w, backend)
-    if return_parts:
-        return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
-    return loss
+    return row_w, hard_w, hard_labels, t2f, n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,17 +136,32 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str =
 _NAMES = {v: k for k, v in KINDS.items()}
 
 
-def _finish(soft_rows, hard_rows, row_w, hard_w):
+def finish(soft_rows, hard_rows, row_w, hard_w):
+    """(loss, soft sum, hard sum) from the per-row terms (hard_rows may be None)."""
     loss = (row_w * soft_rows).sum()
     soft = torch.where(row_w != 0, soft_rows, torch.zeros_like(soft_rows)).sum()
     hard = torch.zeros_like(loss)
-    if hard_w is not None:
+    if hard_w is not None and hard_rows is not None:
         loss = loss + (hard_w * hard_rows).sum()
         hard = torch.where(hard_w != 0, hard_rows, torch.zeros_like(hard_rows)).sum()
     return loss, soft, hard
 
 
-def _reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
+def rows_cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows):
+    """The CPU row kernel into given buffers: grad [N, V] (may be s2 itself: each row is read before
+    its gradient is written), soft_rows and hard_rows (or None) [N] of the compute dtype. s2 and t2
+    share a dtype; each has unit stride along the vocabulary."""
+    mod = native.cpu_module()[0]
+    N, V = s2.shape
+    assert grad.stride() == (V, 1) and t2.dtype == s2.dtype
+    row_w, labels, hard_w = row_w.contiguous(), native.contiguous(labels), native.contiguous(hard_w)
+    mod.kd_forward(native.DTYPE_CODES[s2.dtype], N, V, s2.data_ptr(), s2.stride(0), t2.data_ptr(), t2.stride(0),
+                   kind, T, beta, alpha, lam, row_w.data_ptr(), native.ptr(labels), native.ptr(hard_w),
+                   grad.data_ptr(), soft_rows.data_ptr(), native.ptr(hard_rows))
+
+
+def rows_reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
+    """(soft_rows, hard_rows, grad) of the spec for [N, V] logits (grad in s2's dtype)."""
     cd = checks.compute_dtype(s2.dtype)
     z = s2.to(cd)
     zero = torch.zeros((), dtype=cd, device=s2.device)
@@ -141,27 +177,23 @@ def _reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
         onehot = torch.nn.functional.one_hot(safe, z.shape[-1]).to(cd)
         g_ce = torch.softmax(z, -1) - onehot
         grad = grad + torch.where(has.unsqueeze(-1), hard_w.unsqueeze(-1) * g_ce, zero)
-    loss, soft, hard = _finish(soft_rows, hard_rows, row_w, hard_w)
-    return loss, soft, hard, grad.to(s2.dtype)
+    return soft_rows, hard_rows, grad.to(s2.dtype)
+
+
+def _reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
+    soft_rows, hard_rows, grad = rows_reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w)
+    return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
 
 
 def _cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
-    mod = native.cpu_module()[0]
     N, V = s2.shape
     s2, t2 = native.rows(s2), native.rows(t2)
     cd = checks.compute_dtype(s2.dtype)
     grad = native.empty((N, V), s2.dtype, s2.device)
     soft_rows = native.empty((N,), cd, s2.device)
     hard_rows = native.empty((N,), cd, s2.device) if hard_w is not None else None
-    row_w = row_w.contiguous()
-    labels = native.contiguous(labels)
-    hard_w = native.contiguous(hard_w)
-    mod.kd_forward(native.DTYPE_CODES[s2.dtype], N, V, s2.data_ptr(), s2.stride(0), t2.data_ptr(), t2.stride(0),
-                   kind, T, beta, alpha, lam, row_w.data_ptr(), native.ptr(labels), native.ptr(hard_w),
-                   grad.data_ptr(), soft_rows.data_ptr(), native.ptr(hard_rows))
-    loss, soft, hard = _finish(soft_rows, hard_rows if hard_rows is not None else torch.zeros_like(soft_rows),
-                               row_w, hard_w)
-    return loss, soft, hard, grad
+    rows_cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows)
+    return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
 
 
 _IMPLS = {"reference": _reference, "cpu": _cpu}
@@ -208,3 +240,6 @@ def _backward(ctx, grad_loss, grad_soft, grad_hard, grad_grad):
 
 
 _kd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+from flashdistill.kernels.kd.linear import fused_linear_kd_loss  # noqa: E402  (uses the helpers above)

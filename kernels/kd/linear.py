@@ -1,0 +1,294 @@
+"""fused_linear_kd_loss: the language-model head and the distillation loss in one op, chunk by chunk.
+
+    fused_linear_kd_loss(student_hidden, student_weight, *, student_bias=None,
+                         teacher_logits=None | teacher_hidden=..., teacher_weight=..., teacher_bias=None,
+                         divergence="forward_kl", temperature=1.0, t_squared=False, beta=0.5, alpha=0.1,
+                         lam=0.5, labels=None, ignore_index=-100, hard_weight=0.0, soft_weight=1.0,
+                         normalizer=None, softcap=None, teacher_softcap=None, chunk_size=None,
+                         return_parts=False, backend=None)
+
+The student's logits are z = softcap(h W^T + b) (softcap(z) = c tanh(z / c), Gemma 2's final-logit
+soft-capping, when ``softcap`` = c is given); the teacher is either logits already in memory or its
+own hidden states and head (any hidden size, never differentiated). The loss and every option are
+those of ``kd_loss`` on z (the divergence on tempered logits, the hard-label CE on untempered ones,
+masking, normalizer, T^2, parts). Returns the loss; the backward gives d/dh, d/dW and d/db.
+
+Memory: the tokens go through in chunks of ``chunk_size`` rows; per chunk the student logits (which
+the row kernel overwrites with their gradient) and the teacher logits live in the compute dtype, so
+the workspace is chunk x V x 4 bytes x (2, 3 with soft-capping), whatever the number of tokens; the
+default chunk fills 64 MiB on the CPU and 512 MiB on a GPU. Nothing of size [tokens x V] is ever
+allocated (the teacher's logits, when given, are the caller's).
+
+Work per chunk of c tokens (H hidden, V vocabulary, Ht teacher hidden): the student projection 2cHV
+flops, the teacher's 2cHtV, the row kernel (kd_loss's: reads the two logit rows, writes the gradient
+in place), then dh = g W (2cHV) and dW += g^T h (2cHV); the gradients are computed in the forward
+(so the backward only scales them by the upstream gradient) and the weight gradient is accumulated
+in the compute dtype across chunks, then rounded once. The matmuls are torch's (BLAS / cuBLAS); the
+row kernel is the backend's.
+
+Precision: logits, their log-sum-exps and the gradient in float32 (float64 for float64 inputs)
+whatever the input dtype: a 16-bit head is widened to float32 once per call (V x H x 4 bytes of
+workspace) rather than rounding the logits to 16 bits (the bf16-GEMM-then-cast loss of precision the
+research notes warn about, llm_kd.md Sec. 2.1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from flashdistill.kernels import backends, checks, native
+from flashdistill.kernels.kd import KINDS, check_options, finish, rows_cpu, rows_reference, token_weights
+
+OP = "fused_linear_kd_loss"
+IMPLEMENTED = ("reference", "cpu")
+WORKSPACE_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
+
+# bits of the op's `need` argument: which gradients to compute
+NEED_H, NEED_W, NEED_B = 1, 2, 4
+
+__all__ = ["fused_linear_kd_loss"]
+
+
+def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, student_bias: Optional[Tensor] = None,
+                         teacher_logits: Optional[Tensor] = None, teacher_hidden: Optional[Tensor] = None,
+                         teacher_weight: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                         divergence: str = "forward_kl", temperature: float = 1.0, t_squared: bool = False,
+                         beta: float = 0.5, alpha: float = 0.1, lam: float = 0.5, labels: Optional[Tensor] = None,
+                         ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
+                         normalizer=None, softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                         chunk_size: Optional[int] = None, return_parts: bool = False,
+                         backend: Optional[str] = None):
+    """Distillation loss of a linear head's logits against a teacher (see the module docstring).
+
+    student_hidden [..., H], student_weight [V, H], student_bias [V]; teacher_logits [..., V], or
+    teacher_hidden [..., Ht] with teacher_weight [V, Ht] (and teacher_bias [V]). Returns the 0-d loss
+    (float32; float64 for float64 inputs), or (loss, soft, hard) with ``return_parts``.
+    """
+    h, w, b = student_hidden, student_weight, student_bias
+    checks.tensor(OP, "student_hidden", h, min_dim=1)
+    checks.tensor(OP, "student_weight", w)
+    if w.dim() != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(f"{OP}: student_weight must be [V, H] with H = student_hidden.shape[-1] = {h.shape[-1]}, "
+                         f"got shape {tuple(w.shape)}")
+    _same(OP, "student_weight", w, "student_hidden", h)
+    V, H = w.shape
+    tokens = h.shape[:-1]
+    if b is not None:
+        checks.tensor(OP, "student_bias", b)
+        _same(OP, "student_bias", b, "student_hidden", h)
+        if b.shape != (V,):
+            raise ValueError(f"{OP}: student_bias must be [V] = ({V},), got shape {tuple(b.shape)}")
+    if (teacher_logits is None) == (teacher_weight is None):
+        raise ValueError(f"{OP}: give the teacher either as teacher_logits or as teacher_hidden + teacher_weight "
+                         f"(got {'both' if teacher_logits is not None else 'neither'})")
+    if teacher_logits is not None:
+        checks.tensor(OP, "teacher_logits", teacher_logits)
+        if teacher_hidden is not None or teacher_bias is not None:
+            raise ValueError(f"{OP}: teacher_hidden / teacher_bias go with teacher_weight, not teacher_logits")
+        if tuple(teacher_logits.shape) != (*tokens, V) or teacher_logits.device != h.device:
+            raise ValueError(f"{OP}: teacher_logits must be [..., V] = {(*tokens, V)} on {h.device} (the student's "
+                             f"tokens and vocabulary), got shape {tuple(teacher_logits.shape)} on "
+                             f"{teacher_logits.device}")
+        tl, th, tw, tb = teacher_logits.reshape(-1, V), None, None, None
+    else:
+        th, tw, tb = teacher_hidden, teacher_weight, teacher_bias
+        if th is None:
+            raise ValueError(f"{OP}: teacher_weight needs teacher_hidden")
+        checks.tensor(OP, "teacher_hidden", th, min_dim=1)
+        checks.tensor(OP, "teacher_weight", tw)
+        if th.device != h.device or tuple(th.shape[:-1]) != tuple(tokens):
+            raise ValueError(f"{OP}: teacher_hidden must be [..., Ht] over the student's tokens {tuple(tokens)} on "
+                             f"{h.device}, got shape {tuple(th.shape)} on {th.device}")
+        if tw.dim() != 2 or tuple(tw.shape) != (V, th.shape[-1]):
+            raise ValueError(f"{OP}: teacher_weight must be [V, Ht] = {(V, th.shape[-1])} (the student's vocabulary, "
+                             f"teacher_hidden's size), got shape {tuple(tw.shape)}")
+        _same(OP, "teacher_weight", tw, "teacher_hidden", th)
+        if tb is not None:
+            checks.tensor(OP, "teacher_bias", tb)
+            _same(OP, "teacher_bias", tb, "teacher_hidden", th)
+            if tb.shape != (V,):
+                raise ValueError(f"{OP}: teacher_bias must be [V] = ({V},), got shape {tuple(tb.shape)}")
+        tl, th = None, th.reshape(-1, th.shape[-1])
+    for name, c in (("softcap", softcap), ("teacher_softcap", teacher_softcap)):
+        if c is not None and (not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c)
+                              or c <= 0):
+            raise ValueError(f"{OP}: {name} must be None or a finite float > 0, got {c!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{OP}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    backend = backends.requested(OP, backend, h.device, IMPLEMENTED)
+    check_options(OP, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
+    cd = checks.compute_dtype(h.dtype)
+    row_w, hard_w, hard_labels, t2f, n = token_weights(
+        OP, tokens, V, h.device, cd, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
+        soft_weight=soft_weight, normalizer=normalizer, temperature=temperature, t_squared=t_squared)
+    h2 = h.reshape(-1, H)
+    N = h2.shape[0]
+    if chunk_size is None:
+        n_buf = 1 + (not _teacher_in_place(tl, cd, teacher_softcap)) + (softcap is not None)
+        budget = WORKSPACE_BYTES["cuda" if h.is_cuda else "cpu"]
+        chunk_size = max(1, budget // (V * n_buf * torch.finfo(cd).bits // 8))
+    chunk_size = min(chunk_size, N)
+    grad_on = torch.is_grad_enabled()
+    need = ((NEED_H if grad_on and h.requires_grad else 0) | (NEED_W if grad_on and w.requires_grad else 0)
+            | (NEED_B if grad_on and b is not None and b.requires_grad else 0))
+    loss, soft, hard, *_ = torch.ops.flashdistill.fused_linear_kd(
+        h2, w, b, tl, th, tw, tb, KINDS[divergence], float(temperature), float(beta), float(alpha), float(lam),
+        float(softcap or 0.0), float(teacher_softcap or 0.0), row_w, hard_labels, hard_w, chunk_size, need, backend)
+    if return_parts:
+        return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
+    return loss
+
+
+def _same(op, name, t, ref_name, ref):
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(f"{op}: '{name}' must have the dtype and device of '{ref_name}' (no casting): '{name}' is "
+                         f"{t.dtype} on {t.device}, '{ref_name}' {ref.dtype} on {ref.device}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the chunk loop, shared by the backends (they differ in the row kernel)
+
+def _teacher_in_place(tl, cd, tcap):
+    """Whether the row kernel can read the given teacher logits where they are (no chunk copy)."""
+    return tl is not None and tl.dtype == cd and tl.stride(-1) == 1 and not tcap
+
+
+def _widen(t, cd):
+    """t in the compute dtype: itself when it already is (no copy), else one widened copy."""
+    return None if t is None else (t if t.dtype == cd else t.to(cd))
+
+
+def _capped(z, cap, keep):
+    """z <- cap tanh(z / cap) in place; returns tanh(z / cap) in ``keep`` (the derivative's factor)."""
+    torch.div(z, cap, out=keep).tanh_()
+    torch.mul(keep, cap, out=z)
+    return keep
+
+
+def _run(h, w, b, tl, th, tw, tb, kind, T, beta, alpha, lam, cap, tcap, row_w, labels, hard_w, chunk, need,
+         backend):
+    N, H = h.shape
+    V = w.shape[0]
+    cd = checks.compute_dtype(h.dtype)
+    dev = h.device
+    w_c, b_c = _widen(w, cd), _widen(b, cd)
+    tw_c, tb_c = _widen(tw, cd), _widen(tb, cd)
+    soft_rows = native.empty((N,), cd, dev)
+    hard_rows = native.empty((N,), cd, dev) if hard_w is not None else None
+    grad_h = torch.empty((N, H), dtype=h.dtype, device=dev) if need & NEED_H else h.new_empty(0)
+    grad_w = torch.zeros((V, H), dtype=cd, device=dev) if need & NEED_W else None
+    grad_b = torch.zeros((V,), dtype=cd, device=dev) if need & NEED_B else None
+    zbuf = torch.empty((chunk, V), dtype=cd, device=dev)
+    direct = _teacher_in_place(tl, cd, tcap)
+    tbuf = None if direct else torch.empty((chunk, V), dtype=cd, device=dev)
+    kbuf = torch.empty((chunk, V), dtype=cd, device=dev) if cap else None
+    for i in range(0, N, chunk):
+        j = min(N, i + chunk)
+        c = j - i
+        hc = _widen(h[i:j], cd)
+        z = zbuf[:c]
+        if b_c is None:
+            torch.mm(hc, w_c.t(), out=z)
+        else:
+            torch.addmm(b_c, hc, w_c.t(), out=z)
+        th_cap = _capped(z, cap, kbuf[:c]) if cap else None
+        t = tl[i:j] if direct else tbuf[:c]
+        if direct:
+            pass
+        elif tl is not None:
+            t.copy_(tl[i:j])
+        elif tb_c is None:
+            torch.mm(_widen(th[i:j], cd), tw_c.t(), out=t)
+        else:
+            torch.addmm(tb_c, _widen(th[i:j], cd), tw_c.t(), out=t)
+        if tcap:
+            t.div_(tcap).tanh_().mul_(tcap)
+        args = (kind, T, beta, alpha, lam, row_w[i:j], None if labels is None else labels[i:j],
+                None if hard_w is None else hard_w[i:j])
+        if backend == "cpu":
+            rows_cpu(z, t, *args, z, soft_rows[i:j], None if hard_rows is None else hard_rows[i:j])
+            g = z  # the kernel wrote the gradient over the logits
+        else:
+            s_r, h_r, g = rows_reference(z, t, *args)
+            soft_rows[i:j] = s_r
+            if hard_rows is not None:
+                hard_rows[i:j] = h_r
+        if cap:  # d cap tanh(x / cap) / dx = 1 - tanh^2
+            g = g.mul_(th_cap.square_().neg_().add_(1.0))
+        if need & NEED_H:
+            if grad_h.dtype == cd:
+                torch.mm(g, w_c, out=grad_h[i:j])
+            else:
+                grad_h[i:j] = torch.mm(g, w_c)
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), hc)
+        if grad_b is not None:
+            grad_b += g.sum(0)
+    loss, soft, hard = finish(soft_rows, hard_rows, row_w, hard_w)
+    gw = w.new_empty(0) if grad_w is None else grad_w.to(w.dtype)
+    gb = h.new_empty(0) if grad_b is None else grad_b.to(b.dtype)
+    return loss, soft, hard, grad_h, gw, gb
+
+
+def _validate(h, w, b, tl, th, tw, tb, row_w, labels, hard_w, chunk):
+    N = h.shape[0]
+    cd = checks.compute_dtype(h.dtype)
+    checks.per_sample(OP, "row_weight", row_w, N, cd, h.device)
+    if hard_w is not None:
+        checks.per_sample(OP, "hard_weight", hard_w, N, cd, h.device)
+        if labels is None or labels.shape != (N,) or labels.dtype != torch.int64:
+            raise ValueError(f"{OP}: labels must be int64 of shape ({N},) with hard_weight")
+    if h.dim() != 2 or w.dim() != 2 or w.shape[1] != h.shape[1] or chunk < 1:
+        raise ValueError(f"{OP}: hidden [N, H] and weight [V, H] expected, got {tuple(h.shape)}, {tuple(w.shape)}")
+    if (tl is None) == (tw is None):
+        raise ValueError(f"{OP}: exactly one of teacher logits and teacher weight")
+
+
+@torch.library.custom_op("flashdistill::fused_linear_kd", mutates_args=())
+def _fused_op(h: Tensor, w: Tensor, b: Optional[Tensor], tl: Optional[Tensor], th: Optional[Tensor],
+              tw: Optional[Tensor], tb: Optional[Tensor], kind: int, temperature: float, beta: float, alpha: float,
+              lam: float, softcap: float, teacher_softcap: float, row_w: Tensor, labels: Optional[Tensor],
+              hard_w: Optional[Tensor], chunk: int, need: int,
+              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, soft sum, hard sum, dloss/dh, dloss/dW, dloss/db); an empty tensor for a gradient not
+    asked for in ``need``."""
+    _validate(h, w, b, tl, th, tw, tb, row_w, labels, hard_w, chunk)
+    name = backends.resolve(OP, backend, h.device, IMPLEMENTED)
+    return _run(h, w, b, tl, th, tw, tb, kind, temperature, beta, alpha, lam, softcap, teacher_softcap, row_w,
+                labels, hard_w, chunk, need, name)
+
+
+@_fused_op.register_fake
+def _(h, w, b, tl, th, tw, tb, kind, temperature, beta, alpha, lam, softcap, teacher_softcap, row_w, labels,
+      hard_w, chunk, need, backend):
+    _validate(h, w, b, tl, th, tw, tb, row_w, labels, hard_w, chunk)
+    cd = checks.compute_dtype(h.dtype)
+    scalar = h.new_empty((), dtype=cd)
+    gh = torch.empty_like(h) if need & NEED_H else h.new_empty(0)
+    gw = torch.empty_like(w) if need & NEED_W else w.new_empty(0)
+    gb = torch.empty_like(b) if (need & NEED_B and b is not None) else h.new_empty(0)
+    return scalar, h.new_empty((), dtype=cd), h.new_empty((), dtype=cd), gh, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[3:])
+    ctx.need = inputs[18]
+    ctx.backend = inputs[-1]
+
+
+def _backward(ctx, grad_loss, grad_soft, grad_hard, *_):
+    gh, gw, gb = ctx.saved_tensors
+
+    def scaled(g, bit):
+        if not ctx.need & bit:
+            return None
+        return torch.ops.flashdistill.grad_scale(g, grad_loss.to(checks.compute_dtype(g.dtype)), 1.0, ctx.backend)
+
+    return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 17
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup_context)
