@@ -406,6 +406,214 @@ template <typename T> void kd_run(const Args& a) {
   }
 }
 
+
+// ---- top-k teacher (topk_kd_forward) ---------------------------------------------------------------
+// Forward KL against K stored teacher log-probs per row (reference.topk_forward_kl; llm_kd.md Sec.
+// 1.1). With S the row's ids, q = softmax(z / T), Q_S = sum_S q, q_tail = 1 - Q_S computed as the sum
+// over the complement (no cancellation), p the normalized teacher (p_tail its (K+1)-th bucket), the
+// gradient w.r.t. u = z / T is
+//   renorm_teacher  q_j - p_j                       (p_j = 0 off S)
+//   renorm_both     on S: q_j / Q_S - p_j; off S: 0
+//   tail_bucket     on S: q_j - p_j; off S: q_j (P_S - p_tail Q_S / q_tail), P_S = sum_S p = 1 - p_tail.
+// Traffic per row: read z once (s V bytes), the K ids and log-probs, write grad once; the same passes
+// as kd_row without the teacher row, so about half kd_loss's bytes and exps.
+
+enum TopkMode : int64_t { kRenormTeacher = 0, kRenormBoth = 1, kTailBucket = 2 };
+
+struct TopkArgs {
+  int64_t N, V, s_stride, K, mode;
+  double T, ratio;  // ratio = T_gen / T: the stored log-probs' re-tempering power (1 = none)
+  uintptr_t student, ids, logprobs, row_weight, labels, hard_weight, grad, soft_rows, hard_rows;
+};
+
+// Per-thread row scratch: U, EU, the teacher's p scattered by id (zero elsewhere), and the id mask.
+// The last two are reset after each row at the K positions it set (O(K), not O(V)).
+template <typename C> struct TopkScratch {
+  std::vector<C> buf;
+  std::vector<uint8_t> mask;
+  explicit TopkScratch(int64_t V) : buf(size_t(3 * V), C(0)), mask(size_t(V), 0) {}
+};
+
+// Returns 0, or 1 + the offending position (an id out of range or repeated) for the error message.
+template <typename T> int64_t topk_row(const TopkArgs& a, int64_t r, TopkScratch<typename Compute<T>::type>& sc,
+                                       bool nt) {
+  using C = typename Compute<T>::type;
+  const int64_t V = a.V, K = a.K;
+  const T* z = reinterpret_cast<const T*>(a.student) + r * a.s_stride;
+  const int64_t* ids = reinterpret_cast<const int64_t*>(a.ids) + r * K;
+  const C* lp = reinterpret_cast<const C*>(a.logprobs) + r * K;
+  T* g = reinterpret_cast<T*>(a.grad) + r * V;
+  C* soft_rows = reinterpret_cast<C*>(a.soft_rows);
+  C* hard_rows = reinterpret_cast<C*>(a.hard_rows);
+  const C rw = reinterpret_cast<const C*>(a.row_weight)[r];
+  const int64_t y = a.labels ? reinterpret_cast<const int64_t*>(a.labels)[r] : int64_t(-1);
+  const C hw = a.hard_weight ? reinterpret_cast<const C*>(a.hard_weight)[r] : C(0);
+  const bool hard_grad = y >= 0 && hw != C(0);
+  const bool need_ce = y >= 0 && (hard_grad || hard_rows != nullptr);
+  constexpr C zero = C(0);
+  alignas(64) C gt[kTile], zt[kTile];
+
+  if (rw == zero && !hard_grad) {  // masked row
+    soft_rows[r] = zero;
+    if (hard_rows) hard_rows[r] = zero;
+    for (int64_t k = 0; k < kTile; ++k) gt[k] = zero;
+    for (int64_t i = 0; i < V; i += kTile) store_tile(gt, std::min(kTile, V - i), g + i, nt);
+    return 0;
+  }
+  C* U = sc.buf.data();
+  C* EU = U + V;
+  C* Pv = U + 2 * V;
+  uint8_t* mask = sc.mask.data();
+  int64_t bad = 0;
+  for (int64_t k = 0; k < K && !bad; ++k) {
+    const int64_t id = ids[k];
+    if (id < 0 || id >= V || mask[id]) bad = 1 + k;
+    else mask[id] = 1;
+  }
+  auto reset = [&] {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t id = ids[k];
+      if (id >= 0 && id < V) { mask[id] = 0; Pv[id] = zero; }
+    }
+  };
+  if (bad) { reset(); return bad; }
+
+  const C Tc = C(a.T);
+  const bool t_one = a.T == 1.0;
+  C mu = -C(__builtin_inf()), mz = mu;
+  for (int64_t i = 0; i < V; i += kTile) {
+    const int64_t m = std::min(kTile, V - i);
+    load_tile(z + i, m, U + i);
+    if (need_ce && !t_one) mz = tile_max(U + i, m, mz);
+    if (!t_one) {
+      C* __restrict__ u = U + i;
+      for (int64_t k = 0; k < m; ++k) u[k] = u[k] / Tc;
+    }
+    mu = tile_max(U + i, m, mu);
+  }
+  if (t_one) mz = mu;
+  const bool ce_sep = need_ce && !t_one;
+  double s1[3];
+  row_sums<3, C>(V, s1, [&](int64_t i, int64_t m, C (&tile)[3][kTile]) {
+    const C* __restrict__ u = U + i;
+    C* __restrict__ eu = EU + i;
+    const uint8_t* __restrict__ mk = mask + i;
+    for (int64_t k = 0; k < m; ++k) {
+      eu[k] = kd_exp(u[k] - mu);
+      tile[0][k] = eu[k];
+      tile[1][k] = mk[k] ? zero : eu[k];
+    }
+    if (ce_sep) {
+      load_tile(z + i, m, zt);
+      for (int64_t k = 0; k < m; ++k) tile[2][k] = kd_exp(zt[k] - mz);
+    } else {
+      for (int64_t k = 0; k < m; ++k) tile[2][k] = zero;
+    }
+  });
+  const double total = s1[0], tail = s1[1];
+  const double lse_u = double(mu) + std::log(total);
+  const C lse_z = C(double(mz) + std::log(ce_sep ? s1[2] : total));
+  if (hard_rows) hard_rows[r] = need_ce ? C(double(lse_z) - double(load(z, y))) : zero;
+
+  // the teacher: P_S of the stored values, its tail, re-tempered, normalized over K (+1)
+  double PS = 0.0, sS = 0.0, lmax = -__builtin_inf();  // sS = sum_S EU = Q_S * total
+  for (int64_t k = 0; k < K; ++k) {
+    PS += std::exp(double(lp[k]));
+    sS += double(EU[ids[k]]);
+    lmax = std::max(lmax, a.ratio * double(lp[k]));
+  }
+  const bool tail_mode = a.mode == kTailBucket;
+  const double ltp = (PS < 1.0 ? std::log1p(-PS) : -__builtin_inf()) * a.ratio;
+  if (tail_mode) lmax = std::max(lmax, ltp);
+  double zsum = tail_mode && ltp > -__builtin_inf() ? std::exp(ltp - lmax) : 0.0;
+  for (int64_t k = 0; k < K; ++k) zsum += std::exp(a.ratio * double(lp[k]) - lmax);
+  const double lZ = lmax + std::log(zsum);
+  // renorm_both: log q~_i = u_i - LSE_S(u), from the ids' own maximum (K = 1 gives exactly 0)
+  double lse_S = lse_u;
+  if (a.mode == kRenormBoth) {
+    double mS = -__builtin_inf(), e = 0.0;
+    for (int64_t k = 0; k < K; ++k) mS = std::max(mS, double(U[ids[k]]));
+    for (int64_t k = 0; k < K; ++k) e += std::exp(double(U[ids[k]]) - mS);
+    lse_S = mS + std::log(e);
+  }
+  double D = 0.0, PSn = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double lpk = a.ratio * double(lp[k]) - lZ, pk = std::exp(lpk);
+    const double lq = double(U[ids[k]]) - lse_S;
+    if (pk > 0.0) D += pk * (lpk - lq);
+    PSn += pk;
+    // on S the gradient is EU_j in_S - Pv_j; renorm_both puts all of q~_j - p_j in Pv (in_S = 0),
+    // from the ids' own LSE, so that K = 1 gives exactly 0
+    Pv[ids[k]] = a.mode == kRenormBoth ? C(pk - std::exp(lq)) : C(pk);
+  }
+  double p_tail = 0.0;
+  if (tail_mode && ltp > -__builtin_inf()) {
+    p_tail = std::exp(ltp - lZ);
+    const double lqt = std::log(tail) - std::log(total);
+    if (p_tail > 0.0) D += p_tail * ((ltp - lZ) - lqt);
+  }
+  soft_rows[r] = C(D);
+
+  // gradient: (rw / T) g + hw (softmax(z) - onehot(y))
+  const C cs = rw / Tc, inv_total = C(1.0 / total);
+  const C in_S = a.mode == kRenormBoth ? zero : inv_total;  // q_j = EU_j * in_S on S
+  C off_S = inv_total;                                              // q_j (P_S - ...) / q_j off S
+  if (a.mode == kRenormBoth) off_S = zero;
+  if (tail_mode) off_S = C((PSn - (tail > 0.0 ? p_tail * sS / tail : 0.0)) / total);
+  const bool soft_grad = rw != zero;
+  for (int64_t i = 0; i < V; i += kTile) {
+    const int64_t m = std::min(kTile, V - i);
+    const C* __restrict__ eu = EU + i;
+    const C* __restrict__ pv = Pv + i;
+    const uint8_t* __restrict__ mk = mask + i;
+    if (soft_grad) {
+      for (int64_t k = 0; k < m; ++k) gt[k] = cs * (mk[k] ? eu[k] * in_S - pv[k] : eu[k] * off_S);
+    } else {
+      for (int64_t k = 0; k < m; ++k) gt[k] = zero;
+    }
+    if (hard_grad) {
+      if (t_one) {
+        for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(U[i + k] - lse_z);
+      } else {
+        load_tile(z + i, m, zt);
+        for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(zt[k] - lse_z);
+      }
+      if (y >= i && y < i + m) gt[y - i] = gt[y - i] - hw;
+    }
+    store_tile(gt, m, g + i, nt);
+  }
+  reset();
+  return 0;
+}
+
+template <typename T> void topk_run(const TopkArgs& a) {
+  using C = typename Compute<T>::type;
+  if (a.N <= 0) return;
+  const int nthr = sched::threads_for(a.N * a.V);
+  const bool nt = simd::stream_outputs(a.N * a.V * 2 * int64_t(sizeof(T)));
+  int64_t bad_row = -1, bad_pos = 0;
+#pragma omp parallel num_threads(nthr) if (nthr > 1)
+  {
+    TopkScratch<C> sc(a.V);
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t r = 0; r < a.N; ++r) {
+      const int64_t bad = topk_row<T>(a, r, sc, nt);
+      if (bad) {
+#pragma omp critical(fd_topk_error)
+        if (bad_row < 0 || r < bad_row) { bad_row = r; bad_pos = bad - 1; }
+      }
+    }
+    simd::stream_fence();
+  }
+  if (bad_row >= 0) {
+    const int64_t id = reinterpret_cast<const int64_t*>(a.ids)[bad_row * a.K + bad_pos];
+    throw std::invalid_argument("topk_kd_loss: teacher_ids[" + std::to_string(bad_row) + ", " +
+                                std::to_string(bad_pos) + "] = " + std::to_string(id) +
+                                (id < 0 || id >= a.V ? " is outside [0, " + std::to_string(a.V) + ")"
+                                                     : " repeats an earlier id of its row (ids must be distinct)"));
+  }
+}
+
 }  // namespace
 
 void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, uintptr_t teacher,
@@ -417,6 +625,19 @@ void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t 
   const Args a{N, V, s_stride, t_stride, kind, temperature, beta, alpha, lam,
                student, teacher, row_weight, labels, hard_weight, grad, soft_rows, hard_rows};
   sched::dispatch_dtype(dtype, "kd_forward", [&](auto tag) { kd_run<typename decltype(tag)::type>(a); });
+}
+
+
+void topk_kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, int64_t K,
+                     uintptr_t ids, uintptr_t logprobs, int64_t mode, double temperature, double ratio,
+                     uintptr_t row_weight, uintptr_t labels, uintptr_t hard_weight, uintptr_t grad,
+                     uintptr_t soft_rows, uintptr_t hard_rows) {
+  if (mode < kRenormTeacher || mode > kTailBucket)
+    throw std::invalid_argument("topk_kd_forward: unsupported mode code " + std::to_string(mode) + " (0..2)");
+  if (K < 1 || K > V) throw std::invalid_argument("topk_kd_forward: K must be in [1, V]");
+  const TopkArgs a{N, V, s_stride, K, mode, temperature, ratio, student, ids, logprobs,
+                   row_weight, labels, hard_weight, grad, soft_rows, hard_rows};
+  sched::dispatch_dtype(dtype, "topk_kd_forward", [&](auto tag) { topk_run<typename decltype(tag)::type>(a); });
 }
 
 }  // namespace cpu

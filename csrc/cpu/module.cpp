@@ -125,6 +125,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("teacher"), py::arg("t_stride"), py::arg("kind"), py::arg("temperature"), py::arg("beta"),
         py::arg("alpha"), py::arg("lam"), py::arg("row_weight"), py::arg("labels"), py::arg("hard_weight"),
         py::arg("grad"), py::arg("soft_rows"), py::arg("hard_rows"));
+  m.def("topk_kd_forward", &fd::topk_kd_forward, release(),
+        "topk_kd_loss row kernel: forward KL against stored top-k teacher log-probs (csrc/cpu/kd.cpp).",
+        py::arg("dtype"), py::arg("N"), py::arg("V"), py::arg("student"), py::arg("s_stride"), py::arg("K"),
+        py::arg("ids"), py::arg("logprobs"), py::arg("mode"), py::arg("temperature"), py::arg("ratio"),
+        py::arg("row_weight"), py::arg("labels"), py::arg("hard_weight"), py::arg("grad"), py::arg("soft_rows"),
+        py::arg("hard_rows"));
 
   m.def("build_info", &build_info, "How this module was compiled: compiler, OpenMP, ISA extensions.");
   m.def("omp_max_threads", &omp_max_threads, "omp_get_max_threads() (1 without OpenMP).");

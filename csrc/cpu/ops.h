@@ -60,6 +60,13 @@ void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t 
                 int64_t t_stride, int64_t kind, double temperature, double beta, double alpha, double lam,
                 uintptr_t row_weight, uintptr_t labels, uintptr_t hard_weight, uintptr_t grad, uintptr_t soft_rows,
                 uintptr_t hard_rows);
+// The same for a stored top-k teacher (topk_kd_loss): ids [N, K] int64 and log-probs [N, K] of the
+// compute dtype, contiguous; mode 0 renorm_teacher, 1 renorm_both, 2 tail_bucket; ratio = T_gen / T.
+// Throws std::invalid_argument naming the first row with an id out of range or repeated.
+void topk_kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, int64_t K,
+                     uintptr_t ids, uintptr_t logprobs, int64_t mode, double temperature, double ratio,
+                     uintptr_t row_weight, uintptr_t labels, uintptr_t hard_weight, uintptr_t grad,
+                     uintptr_t soft_rows, uintptr_t hard_rows);
 
 }  // namespace cpu
 }  // namespace flashdistill

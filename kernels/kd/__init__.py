@@ -36,7 +36,7 @@ KINDS = {name: i for i, name in enumerate(("forward_kl", "reverse_kl", "jsd", "j
                                            "skew_forward_kl", "skew_reverse_kl", "mixed"))}
 IMPLEMENTED = ("reference", "cpu")
 
-__all__ = ["kd_loss", "fused_linear_kd_loss"]
+__all__ = ["kd_loss", "fused_linear_kd_loss", "topk_kd_loss"]
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str = "forward_kl",
@@ -243,3 +243,4 @@ _kd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 from flashdistill.kernels.kd.linear import fused_linear_kd_loss  # noqa: E402  (uses the helpers above)
+from flashdistill.kernels.kd.topk import topk_kd_loss  # noqa: E402
