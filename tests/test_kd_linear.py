@@ -30,6 +30,10 @@ def make(N, H, V, dtype, seed, *, Ht=None, bias=True, teacher="hidden"):
              b=randn((V,), dtype, generator=g) if bias else None)
     if teacher == "logits":
         d["tl"] = randn((N, V), dtype, generator=g, scale=3.0)
+    elif teacher == "topk":  # K = 7 distinct ids per token, shuffled, with the teacher's log-probs there
+        lt = torch.log_softmax(torch.randn((N, V), dtype=torch.float64, generator=g) * 3.0, -1)
+        ids = lt.topk(7, -1).indices.gather(-1, torch.argsort(torch.rand((N, 7), generator=g), -1))
+        d["ids"], d["lp"] = ids, lt.gather(-1, ids).float()
     else:
         Ht = Ht or H + 5
         d["th"] = randn((N, Ht), dtype, generator=g)
@@ -39,6 +43,8 @@ def make(N, H, V, dtype, seed, *, Ht=None, bias=True, teacher="hidden"):
 
 
 def teacher_kwargs(d):
+    if "ids" in d:
+        return dict(teacher_ids=d["ids"], teacher_logprobs=d["lp"])
     if "tl" in d:
         return dict(teacher_logits=d["tl"])
     return dict(teacher_hidden=d["th"], teacher_weight=d["tw"], teacher_bias=d["tb"])
@@ -55,6 +61,20 @@ def materialized(d, dtype, softcap=None, teacher_softcap=None, **kw):
         z = z + leaves["b"]
     if softcap:
         z = softcap * torch.tanh(z / softcap)
+    rk = dict(kw)
+    if "ids" in d:  # the top-k teacher: topk_forward_kl and the hard CE, masked and normalized as kd_loss
+        T = rk.get("temperature", 1.0)
+        soft = reference.topk_forward_kl(z, d["ids"], d["lp"].to(dtype), mode=rk.get("topk_mode", "tail_bucket"),
+                                         temperature=T, gen_temperature=rk.get("gen_temperature"))
+        labels = rk.get("labels")
+        valid = torch.ones(z.shape[0], dtype=torch.bool) if labels is None else labels.reshape(-1) != -100
+        n = valid.sum().clamp(min=1).to(dtype)
+        loss = torch.where(valid, soft, 0).sum() / n
+        if rk.get("hard_weight"):
+            ce = torch.nn.functional.cross_entropy(z, torch.where(valid, labels.reshape(-1), 0), reduction="none")
+            loss = loss + rk["hard_weight"] * torch.where(valid, ce, 0).sum() / n
+        (loss * 1.3).backward()
+        return loss, {k: (None if v is None else v.grad) for k, v in leaves.items()}
     if "tl" in d:
         t = d["tl"].to(dtype).reshape(-1, V)
     else:
@@ -63,7 +83,6 @@ def materialized(d, dtype, softcap=None, teacher_softcap=None, **kw):
             t = t + d["tb"].to(dtype)
     if teacher_softcap:
         t = teacher_softcap * torch.tanh(t / teacher_softcap)
-    rk = dict(kw)
     rk["kind"] = rk.pop("divergence", "forward_kl")
     if isinstance(rk.get("labels"), torch.Tensor):
         rk["labels"] = rk["labels"].reshape(-1)
@@ -106,6 +125,16 @@ def check(backend, d, **kw):
 def test_divergences(backend, divergence, teacher):
     d = make(19, 24, 301, torch.float32, seed=DIVS.index(divergence), teacher=teacher)
     check(backend, d, divergence=divergence, temperature=2.0, beta=0.3, alpha=0.1, lam=0.7, chunk_size=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("topk_mode", ["renorm_teacher", "renorm_both", "tail_bucket"])
+def test_topk_teacher(backend, topk_mode):
+    d = make(17, 16, 203, torch.float32, seed=13, teacher="topk")
+    labels = torch.randint(0, 203, (17,), generator=torch.Generator().manual_seed(3))
+    labels[::3] = -100
+    check(backend, d, topk_mode=topk_mode, temperature=1.5, gen_temperature=0.8, labels=labels, hard_weight=0.25,
+          chunk_size=5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -201,7 +230,7 @@ def test_workspace_independent_of_tokens(backend):
     or the hidden gradient."""
     N, H, V, chunk = 96, 8, 500, 4
     d = make(N, H, V, torch.float32, seed=9)
-    args = (d["h"], d["w"], d["b"], None, d["th"], d["tw"], d["tb"], 2, 1.0, 0.5, 0.1, 0.5, 0.0, 0.0,
+    args = (d["h"], d["w"], d["b"], None, d["th"], d["tw"], d["tb"], None, None, 2, 1.0, 1.0, 0.5, 0.1, 0.5, 0.0, 0.0,
             torch.full((N,), 1.0 / N), None, None, chunk, linear.NEED_H | linear.NEED_W | linear.NEED_B, backend)
     with _Sizes() as sizes:
         linear._run(*args)
@@ -214,7 +243,7 @@ def test_opcheck_and_compile(backend):
     d = make(6, 8, 33, torch.float32, seed=10)
     h, w, b = (d[k].clone().requires_grad_(True) for k in ("h", "w", "b"))
     torch.library.opcheck(torch.ops.flashdistill.fused_linear_kd.default,
-                          (h, w, b, None, d["th"], d["tw"], d["tb"], 2, 2.0, 0.3, 0.1, 0.5, 3.0, 0.0,
+                          (h, w, b, None, d["th"], d["tw"], d["tb"], None, None, 2, 1.0, 2.0, 0.3, 0.1, 0.5, 3.0, 0.0,
                            torch.full((6,), 0.25), torch.tensor([1, -1, 5, 0, 32, 3]), torch.full((6,), 0.5), 4,
                            linear.NEED_H | linear.NEED_W | linear.NEED_B, backend))
 
@@ -243,8 +272,13 @@ def _bad(**over):
     (_bad(student_weight=torch.randn(10, 7)), r"student_weight must be \[V, H\] with H = student_hidden.shape\[-1\] = 8"),
     (_bad(student_weight=torch.randn(10, 8, dtype=torch.float64)), r"'student_weight' must have the dtype and device"),
     (_bad(student_bias=torch.randn(11)), r"student_bias must be \[V\] = \(10,\)"),
-    (_bad(teacher_logits=torch.randn(4, 10)), r"give the teacher either as teacher_logits or as teacher_hidden"),
+    (_bad(teacher_logits=torch.randn(4, 10)), r"give the teacher as one of teacher_logits, teacher_hidden \+ teacher_weight"),
     (_bad(teacher_weight=None, teacher_hidden=None), r"got neither"),
+    (_bad(teacher_ids=torch.zeros(4, 2, dtype=torch.int64)), r"got teacher_weight and teacher_ids"),
+    (_bad(teacher_weight=None, teacher_hidden=None, teacher_ids=torch.tensor([[0, 1]] * 4),
+          teacher_logprobs=torch.zeros(4, 2), divergence="jsd"), r"top-k teacher supports divergence='forward_kl'"),
+    (_bad(teacher_weight=None, teacher_hidden=None, teacher_ids=torch.tensor([[0, 0]] * 4),
+          teacher_logprobs=torch.zeros(4, 2)), r"teacher_ids row 0 .* repeats id 0"),
     (_bad(teacher_weight=torch.randn(12, 13)), r"teacher_weight must be \[V, Ht\] = \(10, 13\)"),
     (_bad(teacher_hidden=torch.randn(5, 13)), r"teacher_hidden must be \[..., Ht\] over the student's tokens \(4,\)"),
     (_bad(teacher_weight=None, teacher_hidden=None, teacher_logits=torch.randn(4, 11)),

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from flashdistill.kernels import backends, checks, native
 from flashdistill.kernels.kd import KINDS, check_options, finish, rows_cpu, rows_reference, token_weights
+from flashdistill.kernels.kd import topk
 
 OP = "fused_linear_kd_loss"
 IMPLEMENTED = ("reference", "cpu")
@@ -56,6 +57,8 @@ __all__ = ["fused_linear_kd_loss"]
 def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, student_bias: Optional[Tensor] = None,
                          teacher_logits: Optional[Tensor] = None, teacher_hidden: Optional[Tensor] = None,
                          teacher_weight: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                         teacher_ids: Optional[Tensor] = None, teacher_logprobs: Optional[Tensor] = None,
+                         topk_mode: str = "tail_bucket", gen_temperature: Optional[float] = None,
                          divergence: str = "forward_kl", temperature: float = 1.0, t_squared: bool = False,
                          beta: float = 0.5, alpha: float = 0.1, lam: float = 0.5, labels: Optional[Tensor] = None,
                          ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
@@ -64,9 +67,11 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
                          backend: Optional[str] = None):
     """Distillation loss of a linear head's logits against a teacher (see the module docstring).
 
-    student_hidden [..., H], student_weight [V, H], student_bias [V]; teacher_logits [..., V], or
-    teacher_hidden [..., Ht] with teacher_weight [V, Ht] (and teacher_bias [V]). Returns the 0-d loss
-    (float32; float64 for float64 inputs), or (loss, soft, hard) with ``return_parts``.
+    student_hidden [..., H], student_weight [V, H], student_bias [V]; the teacher as one of
+    teacher_logits [..., V]; teacher_hidden [..., Ht] with teacher_weight [V, Ht] (and teacher_bias [V]);
+    or a stored top-k teacher, teacher_ids [..., K] with teacher_logprobs [..., K] (topk_kd_loss's
+    forward KL with ``topk_mode`` and ``gen_temperature``; divergence must be forward_kl). Returns the 0-d
+    loss (float32; float64 for float64 inputs), or (loss, soft, hard) with ``return_parts``.
     """
     h, w, b = student_hidden, student_weight, student_bias
     checks.tensor(OP, "student_hidden", h, min_dim=1)
@@ -82,9 +87,29 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
         _same(OP, "student_bias", b, "student_hidden", h)
         if b.shape != (V,):
             raise ValueError(f"{OP}: student_bias must be [V] = ({V},), got shape {tuple(b.shape)}")
-    if (teacher_logits is None) == (teacher_weight is None):
-        raise ValueError(f"{OP}: give the teacher either as teacher_logits or as teacher_hidden + teacher_weight "
-                         f"(got {'both' if teacher_logits is not None else 'neither'})")
+    forms = [name for name, t in (("teacher_logits", teacher_logits), ("teacher_weight", teacher_weight),
+                                  ("teacher_ids", teacher_ids)) if t is not None]
+    if len(forms) != 1:
+        raise ValueError(f"{OP}: give the teacher as one of teacher_logits, teacher_hidden + teacher_weight, or "
+                         f"teacher_ids + teacher_logprobs (got {' and '.join(forms) if forms else 'neither'})")
+    tids = tlp = None
+    topk_code, ratio = 0, 1.0
+    if teacher_ids is not None:
+        if teacher_hidden is not None or teacher_bias is not None:
+            raise ValueError(f"{OP}: teacher_hidden / teacher_bias go with teacher_weight, not teacher_ids")
+        if teacher_logprobs is None:
+            raise ValueError(f"{OP}: teacher_ids needs teacher_logprobs")
+        if divergence != "forward_kl":
+            raise ValueError(f"{OP}: a top-k teacher supports divergence='forward_kl' only, got {divergence!r}")
+        if teacher_softcap is not None:
+            raise ValueError(f"{OP}: teacher_softcap does not apply to a top-k teacher's log-probs")
+        K = topk.check_teacher(OP, teacher_ids, teacher_logprobs, tokens, V, h.device)
+        topk_code, ratio = topk.topk_options(OP, topk_mode, temperature, gen_temperature, K, V)
+        tids = teacher_ids.reshape(-1, K)
+        tlp = teacher_logprobs.reshape(-1, K).to(checks.compute_dtype(h.dtype))
+        tl = th = tw = tb = None
+    elif teacher_logprobs is not None:
+        raise ValueError(f"{OP}: teacher_logprobs goes with teacher_ids")
     if teacher_logits is not None:
         checks.tensor(OP, "teacher_logits", teacher_logits)
         if teacher_hidden is not None or teacher_bias is not None:
@@ -94,7 +119,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
                              f"tokens and vocabulary), got shape {tuple(teacher_logits.shape)} on "
                              f"{teacher_logits.device}")
         tl, th, tw, tb = teacher_logits.reshape(-1, V), None, None, None
-    else:
+    elif teacher_weight is not None:
         th, tw, tb = teacher_hidden, teacher_weight, teacher_bias
         if th is None:
             raise ValueError(f"{OP}: teacher_weight needs teacher_hidden")
@@ -128,7 +153,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
     h2 = h.reshape(-1, H)
     N = h2.shape[0]
     if chunk_size is None:
-        n_buf = 1 + (not _teacher_in_place(tl, cd, teacher_softcap)) + (softcap is not None)
+        n_buf = 1 + (tids is None and not _teacher_in_place(tl, cd, teacher_softcap)) + (softcap is not None)
         budget = WORKSPACE_BYTES["cuda" if h.is_cuda else "cpu"]
         chunk_size = max(1, budget // (V * n_buf * torch.finfo(cd).bits // 8))
     chunk_size = min(chunk_size, N)
@@ -136,7 +161,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
     need = ((NEED_H if grad_on and h.requires_grad else 0) | (NEED_W if grad_on and w.requires_grad else 0)
             | (NEED_B if grad_on and b is not None and b.requires_grad else 0))
     loss, soft, hard, *_ = torch.ops.flashdistill.fused_linear_kd(
-        h2, w, b, tl, th, tw, tb, KINDS[divergence], float(temperature), float(beta), float(alpha), float(lam),
+        h2, w, b, tl, th, tw, tb, tids, tlp, topk_code if tids is not None else KINDS[divergence],
+        float(ratio), float(temperature), float(beta), float(alpha), float(lam),
         float(softcap or 0.0), float(teacher_softcap or 0.0), row_w, hard_labels, hard_w, chunk_size, need, backend)
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
@@ -169,8 +195,25 @@ def _capped(z, cap, keep):
     return keep
 
 
-def _run(h, w, b, tl, th, tw, tb, kind, T, beta, alpha, lam, cap, tcap, row_w, labels, hard_w, chunk, need,
-         backend):
+def _teacher_chunk(tl, th, tw_c, tb_c, tcap, i, j, direct, tbuf, cd):
+    """The teacher's logits of tokens [i, j) in the compute dtype: a view of the given logits, or a
+    copy / projection into the chunk buffer (soft-capped when asked)."""
+    if direct:
+        return tl[i:j]
+    t = tbuf[:j - i]
+    if tl is not None:
+        t.copy_(tl[i:j])
+    elif tb_c is None:
+        torch.mm(_widen(th[i:j], cd), tw_c.t(), out=t)
+    else:
+        torch.addmm(tb_c, _widen(th[i:j], cd), tw_c.t(), out=t)
+    if tcap:
+        t.div_(tcap).tanh_().mul_(tcap)
+    return t
+
+
+def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, T, beta, alpha, lam, cap, tcap, row_w, labels, hard_w,
+         chunk, need, backend):
     N, H = h.shape
     V = w.shape[0]
     cd = checks.compute_dtype(h.dtype)
@@ -184,7 +227,7 @@ def _run(h, w, b, tl, th, tw, tb, kind, T, beta, alpha, lam, cap, tcap, row_w, l
     grad_b = torch.zeros((V,), dtype=cd, device=dev) if need & NEED_B else None
     zbuf = torch.empty((chunk, V), dtype=cd, device=dev)
     direct = _teacher_in_place(tl, cd, tcap)
-    tbuf = None if direct else torch.empty((chunk, V), dtype=cd, device=dev)
+    tbuf = None if direct or tids is not None else torch.empty((chunk, V), dtype=cd, device=dev)
     kbuf = torch.empty((chunk, V), dtype=cd, device=dev) if cap else None
     for i in range(0, N, chunk):
         j = min(N, i + chunk)
@@ -196,24 +239,18 @@ def _run(h, w, b, tl, th, tw, tb, kind, T, beta, alpha, lam, cap, tcap, row_w, l
         else:
             torch.addmm(b_c, hc, w_c.t(), out=z)
         th_cap = _capped(z, cap, kbuf[:c]) if cap else None
-        t = tl[i:j] if direct else tbuf[:c]
-        if direct:
-            pass
-        elif tl is not None:
-            t.copy_(tl[i:j])
-        elif tb_c is None:
-            torch.mm(_widen(th[i:j], cd), tw_c.t(), out=t)
+        masks = (row_w[i:j], None if labels is None else labels[i:j], None if hard_w is None else hard_w[i:j])
+        if tids is not None:
+            teacher = (tids[i:j], tlp[i:j], kind, T, ratio)
+            rows = (topk.rows_cpu, topk.rows_reference)
         else:
-            torch.addmm(tb_c, _widen(th[i:j], cd), tw_c.t(), out=t)
-        if tcap:
-            t.div_(tcap).tanh_().mul_(tcap)
-        args = (kind, T, beta, alpha, lam, row_w[i:j], None if labels is None else labels[i:j],
-                None if hard_w is None else hard_w[i:j])
+            teacher = (_teacher_chunk(tl, th, tw_c, tb_c, tcap, i, j, direct, tbuf, cd), kind, T, beta, alpha, lam)
+            rows = (rows_cpu, rows_reference)
         if backend == "cpu":
-            rows_cpu(z, t, *args, z, soft_rows[i:j], None if hard_rows is None else hard_rows[i:j])
+            rows[0](z, *teacher, *masks, z, soft_rows[i:j], None if hard_rows is None else hard_rows[i:j])
             g = z  # the kernel wrote the gradient over the logits
         else:
-            s_r, h_r, g = rows_reference(z, t, *args)
+            s_r, h_r, g = rows[1](z, *teacher, *masks)
             soft_rows[i:j] = s_r
             if hard_rows is not None:
                 hard_rows[i:j] = h_r
@@ -234,7 +271,7 @@ def _run(h, w, b, tl, th, tw, tb, kind, T, beta, alpha, lam, cap, tcap, row_w, l
     return loss, soft, hard, grad_h, gw, gb
 
 
-def _validate(h, w, b, tl, th, tw, tb, row_w, labels, hard_w, chunk):
+def _validate(h, w, b, tl, th, tw, tb, tids, tlp, row_w, labels, hard_w, chunk):
     N = h.shape[0]
     cd = checks.compute_dtype(h.dtype)
     checks.per_sample(OP, "row_weight", row_w, N, cd, h.device)
@@ -244,28 +281,30 @@ def _validate(h, w, b, tl, th, tw, tb, row_w, labels, hard_w, chunk):
             raise ValueError(f"{OP}: labels must be int64 of shape ({N},) with hard_weight")
     if h.dim() != 2 or w.dim() != 2 or w.shape[1] != h.shape[1] or chunk < 1:
         raise ValueError(f"{OP}: hidden [N, H] and weight [V, H] expected, got {tuple(h.shape)}, {tuple(w.shape)}")
-    if (tl is None) == (tw is None):
-        raise ValueError(f"{OP}: exactly one of teacher logits and teacher weight")
+    if (tl is not None) + (tw is not None) + (tids is not None) != 1 or (tids is None) != (tlp is None):
+        raise ValueError(f"{OP}: exactly one of teacher logits, teacher weight and teacher top-k")
 
 
 @torch.library.custom_op("flashdistill::fused_linear_kd", mutates_args=())
 def _fused_op(h: Tensor, w: Tensor, b: Optional[Tensor], tl: Optional[Tensor], th: Optional[Tensor],
-              tw: Optional[Tensor], tb: Optional[Tensor], kind: int, temperature: float, beta: float, alpha: float,
+              tw: Optional[Tensor], tb: Optional[Tensor], tids: Optional[Tensor], tlp: Optional[Tensor], kind: int,
+              ratio: float, temperature: float, beta: float, alpha: float,
               lam: float, softcap: float, teacher_softcap: float, row_w: Tensor, labels: Optional[Tensor],
               hard_w: Optional[Tensor], chunk: int, need: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, soft sum, hard sum, dloss/dh, dloss/dW, dloss/db); an empty tensor for a gradient not
-    asked for in ``need``."""
-    _validate(h, w, b, tl, th, tw, tb, row_w, labels, hard_w, chunk)
+    asked for in ``need``. With a top-k teacher (tids, tlp), ``kind`` is the top-k mode code and
+    ``ratio`` T_gen / T; otherwise kind is kd_loss's divergence code."""
+    _validate(h, w, b, tl, th, tw, tb, tids, tlp, row_w, labels, hard_w, chunk)
     name = backends.resolve(OP, backend, h.device, IMPLEMENTED)
-    return _run(h, w, b, tl, th, tw, tb, kind, temperature, beta, alpha, lam, softcap, teacher_softcap, row_w,
+    return _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, temperature, beta, alpha, lam, softcap, teacher_softcap, row_w,
                 labels, hard_w, chunk, need, name)
 
 
 @_fused_op.register_fake
-def _(h, w, b, tl, th, tw, tb, kind, temperature, beta, alpha, lam, softcap, teacher_softcap, row_w, labels,
-      hard_w, chunk, need, backend):
-    _validate(h, w, b, tl, th, tw, tb, row_w, labels, hard_w, chunk)
+def _(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, temperature, beta, alpha, lam, softcap, teacher_softcap, row_w,
+      labels, hard_w, chunk, need, backend):
+    _validate(h, w, b, tl, th, tw, tb, tids, tlp, row_w, labels, hard_w, chunk)
     cd = checks.compute_dtype(h.dtype)
     scalar = h.new_empty((), dtype=cd)
     gh = torch.empty_like(h) if need & NEED_H else h.new_empty(0)
@@ -276,7 +315,7 @@ def _(h, w, b, tl, th, tw, tb, kind, temperature, beta, alpha, lam, softcap, tea
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[3:])
-    ctx.need = inputs[18]
+    ctx.need = inputs[21]
     ctx.backend = inputs[-1]
 
 
@@ -288,7 +327,7 @@ def _backward(ctx, grad_loss, grad_soft, grad_hard, *_):
             return None
         return torch.ops.flashdistill.grad_scale(g, grad_loss.to(checks.compute_dtype(g.dtype)), 1.0, ctx.backend)
 
-    return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 17
+    return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 20
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)

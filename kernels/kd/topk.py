@@ -58,53 +58,69 @@ def topk_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: 
     checks.tensor(OP, "student_logits", s, min_dim=1)
     V = s.shape[-1]
     tokens = s.shape[:-1]
-    if not isinstance(teacher_ids, Tensor) or teacher_ids.dtype != torch.int64 or teacher_ids.dim() != s.dim() \
-            or teacher_ids.shape[:-1] != tokens or teacher_ids.device != s.device:
-        got = type(teacher_ids).__name__ if not isinstance(teacher_ids, Tensor) else \
-            f"{teacher_ids.dtype} of shape {tuple(teacher_ids.shape)} on {teacher_ids.device}"
-        raise ValueError(f"{OP}: teacher_ids must be int64 [..., K] over the student's tokens {tuple(tokens)} on "
-                         f"{s.device}, got {got}")
-    K = teacher_ids.shape[-1]
-    if not 1 <= K <= V:
-        raise ValueError(f"{OP}: teacher_ids has K = {K} ids per token; K must be in [1, V = {V}]")
-    checks.tensor(OP, "teacher_logprobs", teacher_logprobs)
-    if teacher_logprobs.shape != teacher_ids.shape or teacher_logprobs.device != s.device:
-        raise ValueError(f"{OP}: teacher_logprobs must have teacher_ids' shape {tuple(teacher_ids.shape)} on "
-                         f"{s.device}, got shape {tuple(teacher_logprobs.shape)} on {teacher_logprobs.device}")
-    if mode not in MODES:
-        raise ValueError(f"{OP}: mode={mode!r} is not one of {', '.join(MODES)}")
-    for name, v in (("temperature", temperature), ("hard_weight", hard_weight), ("soft_weight", soft_weight)) + \
-            ((("gen_temperature", gen_temperature),) if gen_temperature is not None else ()):
+    K = check_teacher(OP, teacher_ids, teacher_logprobs, tokens, V, s.device)
+    mode_code, ratio = topk_options(OP, mode, temperature, gen_temperature, K, V)
+    for name, v in (("hard_weight", hard_weight), ("soft_weight", soft_weight)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise ValueError(f"{OP}: {name} must be a finite float, got {v!r}")
-    if temperature <= 0 or (gen_temperature is not None and gen_temperature <= 0):
-        raise ValueError(f"{OP}: temperature and gen_temperature must be > 0, got {temperature}, {gen_temperature}")
     backend = backends.requested(OP, backend, s.device, IMPLEMENTED)
     ids2 = teacher_ids.reshape(-1, K)
-    if ids2.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (ids2 < 0) | (ids2 >= V)
-        if bool(bad.any()):
-            r, k = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{OP}: teacher_ids[{r}, {k}] (flattened tokens) = {int(ids2[r, k])} is outside [0, {V})")
-        srt = ids2.sort(-1).values
-        rep = srt[:, 1:] == srt[:, :-1]
-        if bool(rep.any()):
-            r = int(rep.nonzero()[0, 0])
-            raise ValueError(f"{OP}: teacher_ids row {r} (flattened tokens) repeats id {int(srt[r][1:][rep[r]][0])} "
-                             f"(ids must be distinct)")
     cd = checks.compute_dtype(s.dtype)
     row_w, hard_w, hard_labels, t2f, n = token_weights(
         OP, tokens, V, s.device, cd, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
         soft_weight=soft_weight, normalizer=normalizer, temperature=temperature, t_squared=t_squared)
-    ratio = 1.0 if gen_temperature is None else gen_temperature / temperature
-    if K == V and mode == "tail_bucket":  # the ids are the whole vocabulary: no tail, whatever rounding says
-        mode = "renorm_teacher"
     loss, soft, hard, _ = torch.ops.flashdistill.topk_kd_loss(
-        s.reshape(-1, V), ids2, teacher_logprobs.reshape(-1, K).to(cd), MODES[mode], float(temperature),
+        s.reshape(-1, V), ids2, teacher_logprobs.reshape(-1, K).to(cd), mode_code, float(temperature),
         float(ratio), row_w, hard_labels, hard_w, backend)
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
     return loss
+
+
+def topk_options(op, mode, temperature, gen_temperature, K, V):
+    """(mode code, ratio T_gen / T) from the user's options, validated."""
+    if mode not in MODES:
+        raise ValueError(f"{op}: mode={mode!r} is not one of {', '.join(MODES)}")
+    for name, v in (("temperature", temperature),) + \
+            ((("gen_temperature", gen_temperature),) if gen_temperature is not None else ()):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{op}: {name} must be a finite float, got {v!r}")
+    if temperature <= 0 or (gen_temperature is not None and gen_temperature <= 0):
+        raise ValueError(f"{op}: temperature and gen_temperature must be > 0, got {temperature}, {gen_temperature}")
+    if K == V and mode == "tail_bucket":  # the ids are the whole vocabulary: no tail, whatever rounding says
+        mode = "renorm_teacher"
+    return MODES[mode], 1.0 if gen_temperature is None else gen_temperature / temperature
+
+
+def check_teacher(op, ids, lp, tokens, V, device) -> int:
+    """Validates a top-k teacher (ids [..., K] int64 over ``tokens``, log-probs of the same shape) and
+    returns K. On CPU tensors also the ids' range and distinctness (a host sync on a GPU)."""
+    if not isinstance(ids, Tensor) or ids.dtype != torch.int64 or ids.dim() != len(tokens) + 1 \
+            or tuple(ids.shape[:-1]) != tuple(tokens) or ids.device != device:
+        got = type(ids).__name__ if not isinstance(ids, Tensor) else \
+            f"{ids.dtype} of shape {tuple(ids.shape)} on {ids.device}"
+        raise ValueError(f"{op}: teacher_ids must be int64 [..., K] over the student's tokens {tuple(tokens)} on "
+                         f"{device}, got {got}")
+    K = ids.shape[-1]
+    if not 1 <= K <= V:
+        raise ValueError(f"{op}: teacher_ids has K = {K} ids per token; K must be in [1, V = {V}]")
+    checks.tensor(op, "teacher_logprobs", lp)
+    if lp.shape != ids.shape or lp.device != device:
+        raise ValueError(f"{op}: teacher_logprobs must have teacher_ids' shape {tuple(ids.shape)} on "
+                         f"{device}, got shape {tuple(lp.shape)} on {lp.device}")
+    ids2 = ids.reshape(-1, K)
+    if ids2.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (ids2 < 0) | (ids2 >= V)
+        if bool(bad.any()):
+            r, k = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{op}: teacher_ids[{r}, {k}] (flattened tokens) = {int(ids2[r, k])} is outside [0, {V})")
+        srt = ids2.sort(-1).values
+        rep = srt[:, 1:] == srt[:, :-1]
+        if bool(rep.any()):
+            r = int(rep.nonzero()[0, 0])
+            raise ValueError(f"{op}: teacher_ids row {r} (flattened tokens) repeats id {int(srt[r][1:][rep[r]][0])} "
+                             f"(ids must be distinct)")
+    return K
 
 
 # ----------------------------------------------------------------------------------------------------
