@@ -90,7 +90,7 @@ def test_opcheck(backend):
     z, t = make(4, 33, torch.float32, seed=6)
     w = torch.full((4,), 0.25)
     torch.library.opcheck(torch.ops.flashdistill.kd_loss.default,
-                          (z.clone().requires_grad_(True), t, 2, 2.0, 0.3, 0.1, 0.5, w, torch.tensor([1, -1, 5, 0]),
+                          (z.clone().requires_grad_(True), t, 2, 33, 2.0, 0.3, 0.1, 0.5, w, torch.tensor([1, -1, 5, 0]),
                            w * 2, backend))
 
 
@@ -125,3 +125,62 @@ def test_bad_input(call, match):
     z, t = make(4, 10, torch.float32, seed=8)
     with pytest.raises((ValueError, RuntimeError), match=match):
         call(z, t)
+
+
+def _padded(x, V):
+    W = x.shape[-1]
+    return x[..., :V] if W >= V else torch.cat([x, x.new_full((*x.shape[:-1], V - W), float("-inf"))], -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", ["truncate", "pad"])
+@pytest.mark.parametrize("widths", [(301, 290), (290, 301)], ids=["student_wider", "teacher_wider"])
+@pytest.mark.parametrize("divergence", ["kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"])
+def test_vocab_mismatch(backend, vocab, widths, divergence):
+    """Different vocabulary sizes against the spec on explicitly truncated / -inf-padded logits ("kl":
+    the KL that stays finite under padding: forward when the student is wider, reverse otherwise)."""
+    Vs, Vt = widths
+    if divergence == "kl":
+        divergence = "forward_kl" if Vs > Vt else "reverse_kl"
+    g = torch.Generator().manual_seed(Vs + len(divergence))
+    z = randn((6, Vs), torch.float32, generator=g, scale=3.0)
+    t = randn((6, Vt), torch.float32, generator=g, scale=3.0)
+    V = min(widths) if vocab == "truncate" else max(widths)
+    labels = torch.tensor([0, 5, -100, min(V, Vs) - 1, 17, 2])
+    kw = dict(divergence=divergence, temperature=1.7, labels=labels, hard_weight=0.3)
+    zz = z.clone().requires_grad_(True)
+    loss = fd.kd_loss(zz, t, vocab=vocab, backend=backend, **kw)
+    (loss * 1.3).backward()
+    z64 = as_oracle(z).requires_grad_(True)
+    loss64, _, _ = reference.kd_loss(_padded(z64, V), _padded(as_oracle(t), V), kind=divergence, temperature=1.7,
+                                     labels=labels, hard_weight=0.3)
+    (loss64 * 1.3).backward()
+    z32 = z.clone().requires_grad_(True)
+    loss32, _, _ = reference.kd_loss(_padded(z32, V), _padded(t, V), kind=divergence, temperature=1.7,
+                                     labels=labels, hard_weight=0.3)
+    (loss32 * 1.3).backward()
+    what = f"kd_loss {backend} vocab={vocab} {widths} {divergence}"
+    assert zz.grad.shape == z.shape
+    assert_within_budget(f"loss [{what}]", loss, loss64, loss32, torch.float32, n_reduce=z.numel())
+    assert_within_budget(f"grad [{what}]", zz.grad, z64.grad, z32.grad, torch.float32, n_reduce=V, cancels=True)
+    if vocab == "truncate" and Vs > Vt:
+        assert torch.equal(zz.grad[:, Vt:], torch.zeros_like(zz.grad[:, Vt:]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_pad_forward_kl_is_infinite_where_the_student_has_no_mass(backend):
+    z, t = make(3, 50, torch.float32, seed=9)
+    loss = fd.kd_loss(z[:, :40], t, vocab="pad", backend=backend)  # the teacher has mass on ids 40..49
+    assert loss.item() == float("inf")
+    loss = fd.kd_loss(z, t[:, :40], vocab="pad", divergence="forward_kl", backend=backend)
+    assert torch.isfinite(loss)
+
+
+def test_vocab_bad_input():
+    z, t = make(4, 10, torch.float32, seed=10)
+    with pytest.raises(ValueError, match=r"kd_loss: vocab='zeros' is not one of exact, truncate, pad"):
+        fd.kd_loss(z, t[:, :8], vocab="zeros")
+    with pytest.raises(ValueError, match=r"must match 'student_logits' in every dimension but the last"):
+        fd.kd_loss(z, t[:3], vocab="pad")
+    with pytest.raises(ValueError, match=r"labels\[0\] = 9 is outside \[0, 8\)"):
+        fd.kd_loss(z, t[:, :8], vocab="truncate", labels=torch.tensor([9, 0, 0, 0]), hard_weight=1.0)

@@ -75,8 +75,8 @@ def call(z, t, kind, T, beta, rw, lab, hw, want_hard=True):
     soft = torch.full((N,), float("nan"), dtype=cd)
     hard = torch.full((N,), float("nan"), dtype=cd) if want_hard else None
     p = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
-    _C.kd_forward(CODE[z.dtype], N, V, z.data_ptr(), z.stride(0) if N > 1 else V, t.data_ptr(),
-                  t.stride(0) if N > 1 else V, KINDS.index(kind), T, beta, ALPHA, LAM,
+    _C.kd_forward(CODE[z.dtype], N, V, z.data_ptr(), z.stride(0) if N > 1 else V, V, t.data_ptr(),
+                  t.stride(0) if N > 1 else V, V, KINDS.index(kind), T, beta, ALPHA, LAM,
                   rw.data_ptr(), p(lab), p(hw), grad.data_ptr(), soft.data_ptr(), p(hard))
     return grad, soft, hard
 

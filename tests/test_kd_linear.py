@@ -24,12 +24,12 @@ BACKENDS = [b for b in backends_under_test("cpu") if b in linear.IMPLEMENTED]
 DIVS = ["forward_kl", "reverse_kl", "jsd", "jsd_normalized", "tvd", "skew_forward_kl", "skew_reverse_kl", "mixed"]
 
 
-def make(N, H, V, dtype, seed, *, Ht=None, bias=True, teacher="hidden"):
+def make(N, H, V, dtype, seed, *, Ht=None, bias=True, teacher="hidden", Vt=None):
     g = torch.Generator().manual_seed(seed)
     d = dict(h=randn((N, H), dtype, generator=g), w=randn((V, H), dtype, generator=g, scale=H**-0.5 * 3),
              b=randn((V,), dtype, generator=g) if bias else None)
     if teacher == "logits":
-        d["tl"] = randn((N, V), dtype, generator=g, scale=3.0)
+        d["tl"] = randn((N, Vt or V), dtype, generator=g, scale=3.0)
     elif teacher == "topk":  # K = 7 distinct ids per token, shuffled, with the teacher's log-probs there
         lt = torch.log_softmax(torch.randn((N, V), dtype=torch.float64, generator=g) * 3.0, -1)
         ids = lt.topk(7, -1).indices.gather(-1, torch.argsort(torch.rand((N, 7), generator=g), -1))
@@ -37,8 +37,8 @@ def make(N, H, V, dtype, seed, *, Ht=None, bias=True, teacher="hidden"):
     else:
         Ht = Ht or H + 5
         d["th"] = randn((N, Ht), dtype, generator=g)
-        d["tw"] = randn((V, Ht), dtype, generator=g, scale=Ht**-0.5 * 3)
-        d["tb"] = randn((V,), dtype, generator=g) if bias else None
+        d["tw"] = randn((Vt or V, Ht), dtype, generator=g, scale=Ht**-0.5 * 3)
+        d["tb"] = randn((Vt or V,), dtype, generator=g) if bias else None
     return d
 
 
@@ -76,13 +76,18 @@ def materialized(d, dtype, softcap=None, teacher_softcap=None, **kw):
         (loss * 1.3).backward()
         return loss, {k: (None if v is None else v.grad) for k, v in leaves.items()}
     if "tl" in d:
-        t = d["tl"].to(dtype).reshape(-1, V)
+        t = d["tl"].to(dtype).reshape(-1, d["tl"].shape[-1])
     else:
         t = d["th"].to(dtype).reshape(-1, d["th"].shape[-1]) @ d["tw"].to(dtype).t()
         if d["tb"] is not None:
             t = t + d["tb"].to(dtype)
     if teacher_softcap:
         t = teacher_softcap * torch.tanh(t / teacher_softcap)
+    vocab = rk.pop("vocab", "exact")
+    if vocab != "exact":  # explicit truncation / -inf padding, as kd_loss's docstring specifies
+        W = (min if vocab == "truncate" else max)(z.shape[-1], t.shape[-1])
+        z, t = (x[:, :W] if x.shape[-1] >= W else
+                torch.cat([x, x.new_full((x.shape[0], W - x.shape[-1]), float("-inf"))], -1) for x in (z, t))
     rk["kind"] = rk.pop("divergence", "forward_kl")
     if isinstance(rk.get("labels"), torch.Tensor):
         rk["labels"] = rk["labels"].reshape(-1)
@@ -135,6 +140,17 @@ def test_topk_teacher(backend, topk_mode):
     labels[::3] = -100
     check(backend, d, topk_mode=topk_mode, temperature=1.5, gen_temperature=0.8, labels=labels, hard_weight=0.25,
           chunk_size=5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab,V,Vt,divergence", [("truncate", 130, 121, "reverse_kl"), ("truncate", 121, 130, "jsd"),
+                                                   ("pad", 130, 121, "forward_kl"), ("pad", 121, 130, "reverse_kl")])
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_vocab_mismatch(backend, vocab, V, Vt, divergence, teacher):
+    d = make(11, 16, V, torch.float32, seed=V + Vt, teacher=teacher, Vt=Vt)
+    labels = torch.tensor([0, 5, -100, min(V, Vt) - 1, 17, 2, 3, 4, -100, 6, 7])
+    check(backend, d, vocab=vocab, divergence=divergence, temperature=1.3, labels=labels, hard_weight=0.2,
+          chunk_size=4, softcap=6.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -230,7 +246,7 @@ def test_workspace_independent_of_tokens(backend):
     or the hidden gradient."""
     N, H, V, chunk = 96, 8, 500, 4
     d = make(N, H, V, torch.float32, seed=9)
-    args = (d["h"], d["w"], d["b"], None, d["th"], d["tw"], d["tb"], None, None, 2, 1.0, 1.0, 0.5, 0.1, 0.5, 0.0, 0.0,
+    args = (d["h"], d["w"], d["b"], None, d["th"], d["tw"], d["tb"], None, None, 2, V, 1.0, 1.0, 0.5, 0.1, 0.5, 0.0, 0.0,
             torch.full((N,), 1.0 / N), None, None, chunk, linear.NEED_H | linear.NEED_W | linear.NEED_B, backend)
     with _Sizes() as sizes:
         linear._run(*args)
@@ -243,7 +259,7 @@ def test_opcheck_and_compile(backend):
     d = make(6, 8, 33, torch.float32, seed=10)
     h, w, b = (d[k].clone().requires_grad_(True) for k in ("h", "w", "b"))
     torch.library.opcheck(torch.ops.flashdistill.fused_linear_kd.default,
-                          (h, w, b, None, d["th"], d["tw"], d["tb"], None, None, 2, 1.0, 2.0, 0.3, 0.1, 0.5, 3.0, 0.0,
+                          (h, w, b, None, d["th"], d["tw"], d["tb"], None, None, 2, 33, 1.0, 2.0, 0.3, 0.1, 0.5, 3.0, 0.0,
                            torch.full((6,), 0.25), torch.tensor([1, -1, 5, 0, 32, 3]), torch.full((6,), 0.5), 4,
                            linear.NEED_H | linear.NEED_W | linear.NEED_B, backend))
 

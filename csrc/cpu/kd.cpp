@@ -102,8 +102,11 @@ template <int K, typename C, typename F> inline void row_sums(int64_t n, double 
   }
 }
 
+// V: the width the divergence is over; s_width / t_width: the student's and teacher's row lengths
+// (equal to V unless the vocabularies differ: columns past a row's width read as -inf, so a
+// narrower row is padded with -inf; a wider one is truncated to V). grad is [N, s_width].
 struct Args {
-  int64_t N, V, s_stride, t_stride, kind;
+  int64_t N, V, s_stride, s_width, t_stride, t_width, kind;
   double T, beta, alpha, lam;
   uintptr_t student, teacher, row_weight, labels, hard_weight, grad, soft_rows, hard_rows;
 };
@@ -124,12 +127,20 @@ template <typename T, typename C> inline void store_tile(const C* __restrict__ s
   }
 }
 
+// dst[0..m) = src[i..i + m) as C, -inf past src's width.
+template <typename T, typename C> inline void load_part(const T* src, int64_t width, int64_t i, int64_t m, C* dst) {
+  const int64_t n = std::max<int64_t>(0, std::min(m, width - i));
+  load_tile(src + i, n, dst);
+  for (int64_t k = n; k < m; ++k) dst[k] = -C(__builtin_inf());
+}
+
 template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>::type* scratch, bool nt) {
   using C = typename Compute<T>::type;
   const int64_t V = a.V;
   const T* z = reinterpret_cast<const T*>(a.student) + r * a.s_stride;
   const T* t = reinterpret_cast<const T*>(a.teacher) + r * a.t_stride;
-  T* g = reinterpret_cast<T*>(a.grad) + r * V;
+  const int64_t Vs = a.s_width, Vt = a.t_width;
+  T* g = reinterpret_cast<T*>(a.grad) + r * Vs;
   C* soft_rows = reinterpret_cast<C*>(a.soft_rows);
   C* hard_rows = reinterpret_cast<C*>(a.hard_rows);
 
@@ -144,7 +155,7 @@ template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>:
     soft_rows[r] = C(0);
     if (hard_rows) hard_rows[r] = C(0);
     alignas(64) C zero[kTile] = {};
-    for (int64_t i = 0; i < V; i += kTile) store_tile(zero, std::min(kTile, V - i), g + i, nt);
+    for (int64_t i = 0; i < Vs; i += kTile) store_tile(zero, std::min(kTile, Vs - i), g + i, nt);
     return;
   }
 
@@ -161,8 +172,8 @@ template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>:
   alignas(64) C zt[kTile];
   for (int64_t i = 0; i < V; i += kTile) {
     const int64_t m = std::min(kTile, V - i);
-    load_tile(z + i, m, U + i);
-    load_tile(t + i, m, Vv + i);
+    load_part(z, Vs, i, m, U + i);
+    load_part(t, Vt, i, m, Vv + i);
     if (need_ce && !t_one) mz = tile_max(U + i, m, mz);
     if (!t_one) {
       C* __restrict__ u = U + i;
@@ -193,7 +204,7 @@ template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>:
       tile[1][k] = ev[k];
     }
     if (ce_sep) {
-      load_tile(z + i, m, zt);
+      load_part(z, Vs, i, m, zt);
       for (int64_t k = 0; k < m; ++k) tile[2][k] = kd_exp(zt[k] - mzc);
     } else {
       for (int64_t k = 0; k < m; ++k) tile[2][k] = C(0);
@@ -234,13 +245,16 @@ template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>:
         if (t_one) {
           for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(U[i + k] - lse_z);
         } else {
-          load_tile(z + i, m, zt);
+          load_part(z, Vs, i, m, zt);
           for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(zt[k] - lse_z);
         }
         if (y >= i && y < i + m) gt[y - i] = gt[y - i] - hw;
       }
-      store_tile(gt, m, g + i, nt);
+      const int64_t ms = std::min(m, Vs - i);  // columns past the student's width are not its own
+      if (ms > 0) store_tile(gt, ms, g + i, nt);
     }
+    for (int64_t k = 0; k < kTile; ++k) gt[k] = zero;  // a truncated student: zero past V
+    for (int64_t i = V; i < Vs; i += kTile) store_tile(gt, std::min(kTile, Vs - i), g + i, nt);
   };
 
   double D = 0.0;
@@ -396,7 +410,7 @@ template <typename T> void kd_run(const Args& a) {
     return;
   }
   const int nthr = sched::threads_for(a.N * a.V);
-  const bool nt = simd::stream_outputs(a.N * a.V * 3 * int64_t(sizeof(T)));
+  const bool nt = simd::stream_outputs(a.N * (a.s_width * 2 + a.t_width) * int64_t(sizeof(T)));
 #pragma omp parallel num_threads(nthr) if (nthr > 1)
   {
     std::vector<C> scratch(size_t(5 * a.V));
@@ -616,13 +630,15 @@ template <typename T> void topk_run(const TopkArgs& a) {
 
 }  // namespace
 
-void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, uintptr_t teacher,
-                int64_t t_stride, int64_t kind, double temperature, double beta, double alpha, double lam,
+void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, int64_t s_width,
+                uintptr_t teacher, int64_t t_stride, int64_t t_width, int64_t kind, double temperature, double beta, double alpha, double lam,
                 uintptr_t row_weight, uintptr_t labels, uintptr_t hard_weight, uintptr_t grad, uintptr_t soft_rows,
                 uintptr_t hard_rows) {
   if (kind < kKdForwardKL || kind > kKdMixed)
     throw std::invalid_argument("kd_forward: unsupported kind code " + std::to_string(kind) + " (0..7)");
-  const Args a{N, V, s_stride, t_stride, kind, temperature, beta, alpha, lam,
+  if (s_width < 1 || t_width < 1 || V < std::min(s_width, t_width) || V > std::max(s_width, t_width))
+    throw std::invalid_argument("kd_forward: V must lie between the student's and the teacher's widths");
+  const Args a{N, V, s_stride, s_width, t_stride, t_width, kind, temperature, beta, alpha, lam,
                student, teacher, row_weight, labels, hard_weight, grad, soft_rows, hard_rows};
   sched::dispatch_dtype(dtype, "kd_forward", [&](auto tag) { kd_run<typename decltype(tag)::type>(a); });
 }

@@ -122,7 +122,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("kd_forward", &fd::kd_forward, release(),
         "kd_loss row kernel: per-row divergence, hard CE and dL/dz (csrc/cpu/kd.cpp).",
         py::arg("dtype"), py::arg("N"), py::arg("V"), py::arg("student"), py::arg("s_stride"),
-        py::arg("teacher"), py::arg("t_stride"), py::arg("kind"), py::arg("temperature"), py::arg("beta"),
+        py::arg("s_width"), py::arg("teacher"), py::arg("t_stride"), py::arg("t_width"), py::arg("kind"), py::arg("temperature"), py::arg("beta"),
         py::arg("alpha"), py::arg("lam"), py::arg("row_weight"), py::arg("labels"), py::arg("hard_weight"),
         py::arg("grad"), py::arg("soft_rows"), py::arg("hard_rows"));
   m.def("topk_kd_forward", &fd::topk_kd_forward, release(),

@@ -56,8 +56,10 @@ void regression_backward(int64_t dtype, int64_t B, int64_t D,
 // kd.cpp: the row kernel of kd_loss on logits (csrc/cpu/kd.cpp top comment; kernels/kd/reference.py):
 // per row the tempered divergence D (soft_rows), the hard CE (hard_rows, may be 0) and grad [N, V] =
 // row_weight * dD/dz + hard_weight * (softmax(z) - onehot(label)). kind: include/flashdistill/kd.h.
-void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, uintptr_t teacher,
-                int64_t t_stride, int64_t kind, double temperature, double beta, double alpha, double lam,
+// The divergence is over V columns; a student or teacher row of another width (s_width, t_width) is
+// padded with -inf or truncated to V; grad is [N, s_width].
+void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, int64_t s_width,
+                uintptr_t teacher, int64_t t_stride, int64_t t_width, int64_t kind, double temperature, double beta, double alpha, double lam,
                 uintptr_t row_weight, uintptr_t labels, uintptr_t hard_weight, uintptr_t grad, uintptr_t soft_rows,
                 uintptr_t hard_rows);
 // The same for a stored top-k teacher (topk_kd_loss): ids [N, K] int64 and log-probs [N, K] of the

@@ -1,12 +1,14 @@
-"""Logit knowledge distillation (issue #4). So far: ``kd_loss`` on logits already in memory, in the
-reference and cpu backends (the Triton and CUDA row kernels, the fused-linear and top-k ops follow).
+"""Logit knowledge distillation (issue #4): ``kd_loss`` on logits already in memory here,
+``fused_linear_kd_loss`` (linear.py) and ``topk_kd_loss`` (topk.py); reference and cpu backends (the
+Triton and CUDA row kernels follow).
 
     kd_loss(student_logits, teacher_logits, *, divergence="forward_kl", temperature=1.0,
             t_squared=False, beta=0.5, alpha=0.1, lam=0.5, labels=None, ignore_index=-100,
-            hard_weight=0.0, soft_weight=1.0, normalizer=None, return_parts=False, backend=None)
+            hard_weight=0.0, soft_weight=1.0, normalizer=None, vocab="exact", return_parts=False,
+            backend=None)
 
-Logits are [..., V] (tokens first, vocabulary last), student and teacher of one shape, dtype and
-device; argument order is always (student, teacher), and "forward" KL is KL(teacher || student). The
+Logits are [..., V] (tokens first, vocabulary last), student and teacher of one dtype and device
+and of one shape, except with ``vocab`` (below); argument order is always (student, teacher), and "forward" KL is KL(teacher || student). The
 divergence is taken between the tempered distributions (times T^2 with ``t_squared``); the hard-label
 cross-entropy (``hard_weight`` > 0, with ``labels``) on the untempered student logits, in the same
 pass. Tokens whose label is ``ignore_index`` count in neither term. The loss is
@@ -14,6 +16,14 @@ pass. Tokens whose label is ``ignore_index`` count in neither term. The loss is
 valid tokens or a given tensor (e.g. the global count for gradient accumulation), and 0 with zero
 gradients when every token is masked; no host synchronization. The math and its sources are in
 ``reference.py``.
+
+Vocabularies of different size (a student whose embedding was padded to a multiple of 64, a teacher
+with extra special tokens): ``vocab="truncate"`` takes the divergence over the first min(Vs, Vt)
+ids of both (the student's extra columns get a zero gradient); ``vocab="pad"`` over max(Vs, Vt),
+the narrower side padded with -inf (probability 0: the student's extra ids are pushed towards 0
+under forward KL; a teacher's extra ids with mass make forward KL infinite, as they should). Never
+zeros, which would give the padded ids mass exp(-LSE) (Liger #634). Labels must be below the
+student's effective width. No copy is made: the kernel reads past-the-width columns as -inf.
 
 The CPU kernel makes one pass over memory per row (the row's later passes hit cache) and writes
 dloss/dstudent in the forward (with the per-row weights folded in); the backward scales it by the
@@ -42,7 +52,8 @@ __all__ = ["kd_loss", "fused_linear_kd_loss", "topk_kd_loss"]
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str = "forward_kl",
             temperature: float = 1.0, t_squared: bool = False, beta: float = 0.5, alpha: float = 0.1,
             lam: float = 0.5, labels: Optional[Tensor] = None, ignore_index: int = -100, hard_weight: float = 0.0,
-            soft_weight: float = 1.0, normalizer=None, return_parts: bool = False, backend: Optional[str] = None):
+            soft_weight: float = 1.0, normalizer=None, vocab: str = "exact", return_parts: bool = False,
+            backend: Optional[str] = None):
     """Distillation loss between student and teacher logits (see the module docstring).
 
     Returns the 0-d loss (float32; float64 for float64 logits), or (loss, soft, hard) with
@@ -50,20 +61,38 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str =
     """
     s, t = student_logits, teacher_logits
     checks.tensor(OP, "student_logits", s, min_dim=1)
-    checks.like(OP, "teacher_logits", t, "student_logits", s)
+    V = vocab_width(OP, vocab, s, t, "student_logits", "teacher_logits")
     backend = backends.requested(OP, backend, s.device, IMPLEMENTED)
     check_options(OP, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
-    V = s.shape[-1]
-    s2, t2 = s.reshape(-1, V), t.reshape(-1, V)
+    s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
     row_w, hard_w, hard_labels, t2f, n = token_weights(
-        OP, s.shape[:-1], V, s.device, checks.compute_dtype(s.dtype), labels=labels, ignore_index=ignore_index,
+        OP, s.shape[:-1], min(V, s.shape[-1]), s.device, checks.compute_dtype(s.dtype), labels=labels, ignore_index=ignore_index,
         hard_weight=hard_weight, soft_weight=soft_weight, normalizer=normalizer, temperature=temperature,
         t_squared=t_squared)
-    loss, soft, hard, _ = torch.ops.flashdistill.kd_loss(s2, t2, KINDS[divergence], float(temperature), float(beta),
+    loss, soft, hard, _ = torch.ops.flashdistill.kd_loss(s2, t2, KINDS[divergence], V, float(temperature), float(beta),
                                                       float(alpha), float(lam), row_w, hard_labels, hard_w, backend)
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
     return loss
+
+
+VOCAB_MODES = ("exact", "truncate", "pad")
+
+
+def vocab_width(op, vocab, s, t, s_name, t_name) -> int:
+    """The width the divergence is over for student and teacher tensors [..., Vs], [..., Vt] (same
+    leading shape, dtype and device), per ``vocab``."""
+    if vocab not in VOCAB_MODES:
+        raise ValueError(f"{op}: vocab={vocab!r} is not one of {', '.join(VOCAB_MODES)}")
+    if vocab == "exact":
+        checks.like(op, t_name, t, s_name, s)
+        return s.shape[-1]
+    checks.tensor(op, t_name, t)
+    if t.shape[:-1] != s.shape[:-1] or t.dtype != s.dtype or t.device != s.device:
+        raise ValueError(f"{op}: '{t_name}' must match '{s_name}' in every dimension but the last, in dtype and in "
+                         f"device: '{t_name}' has shape {tuple(t.shape)}, {t.dtype}, {t.device}; '{s_name}' "
+                         f"{tuple(s.shape)}, {s.dtype}, {s.device}")
+    return (min if vocab == "truncate" else max)(s.shape[-1], t.shape[-1])
 
 
 def check_options(op, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight):
@@ -147,21 +176,40 @@ def finish(soft_rows, hard_rows, row_w, hard_w):
     return loss, soft, hard
 
 
-def rows_cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows):
-    """The CPU row kernel into given buffers: grad [N, V] (may be s2 itself: each row is read before
-    its gradient is written), soft_rows and hard_rows (or None) [N] of the compute dtype. s2 and t2
-    share a dtype; each has unit stride along the vocabulary."""
+def rows_cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows, V=None):
+    """The CPU row kernel into given buffers: grad [N, Vs] (may be s2 itself: each row is read before
+    its gradient is written), soft_rows and hard_rows (or None) [N] of the compute dtype. s2 [N, Vs]
+    and t2 [N, Vt] share a dtype; each has unit stride along the vocabulary; the divergence is over V
+    columns (default Vs; see ``vocab``)."""
     mod = native.cpu_module()[0]
-    N, V = s2.shape
-    assert grad.stride() == (V, 1) and t2.dtype == s2.dtype
+    N, Vs = s2.shape
+    V = Vs if V is None else V
+    assert grad.stride() == (Vs, 1) and t2.dtype == s2.dtype
     row_w, labels, hard_w = row_w.contiguous(), native.contiguous(labels), native.contiguous(hard_w)
-    mod.kd_forward(native.DTYPE_CODES[s2.dtype], N, V, s2.data_ptr(), s2.stride(0), t2.data_ptr(), t2.stride(0),
-                   kind, T, beta, alpha, lam, row_w.data_ptr(), native.ptr(labels), native.ptr(hard_w),
+    mod.kd_forward(native.DTYPE_CODES[s2.dtype], N, V, s2.data_ptr(), s2.stride(0), Vs, t2.data_ptr(), t2.stride(0),
+                   t2.shape[1], kind, T, beta, alpha, lam, row_w.data_ptr(), native.ptr(labels), native.ptr(hard_w),
                    grad.data_ptr(), soft_rows.data_ptr(), native.ptr(hard_rows))
 
 
-def rows_reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
-    """(soft_rows, hard_rows, grad) of the spec for [N, V] logits (grad in s2's dtype)."""
+def _to_width(x, V):
+    """[N, V] from [N, W]: the first V columns, or -inf columns appended."""
+    W = x.shape[-1]
+    if W >= V:
+        return x[:, :V]
+    return torch.cat([x, x.new_full((x.shape[0], V - W), float("-inf"))], -1)
+
+
+def rows_reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, V=None):
+    """(soft_rows, hard_rows, grad) of the spec for [N, Vs] student and [N, Vt] teacher logits over V
+    columns (default Vs; the narrower side padded with -inf, the wider truncated); grad [N, Vs] in
+    s2's dtype."""
+    Vs = s2.shape[1]
+    V = Vs if V is None else V
+    if V != Vs or t2.shape[1] != V:
+        soft_rows, hard_rows, grad = rows_reference(_to_width(s2, V), _to_width(t2, V), kind, T, beta, alpha, lam,
+                                                    row_w, labels, hard_w)
+        grad = grad[:, :Vs] if V >= Vs else torch.cat([grad, grad.new_zeros((grad.shape[0], Vs - V))], -1)
+        return soft_rows, hard_rows, grad
     cd = checks.compute_dtype(s2.dtype)
     z = s2.to(cd)
     zero = torch.zeros((), dtype=cd, device=s2.device)
@@ -180,28 +228,30 @@ def rows_reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
     return soft_rows, hard_rows, grad.to(s2.dtype)
 
 
-def _reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
-    soft_rows, hard_rows, grad = rows_reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w)
+def _reference(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
+    soft_rows, hard_rows, grad = rows_reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, V)
     return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
 
 
-def _cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w):
-    N, V = s2.shape
+def _cpu(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
+    N = s2.shape[0]
     s2, t2 = native.rows(s2), native.rows(t2)
     cd = checks.compute_dtype(s2.dtype)
-    grad = native.empty((N, V), s2.dtype, s2.device)
+    grad = native.empty(s2.shape, s2.dtype, s2.device)
     soft_rows = native.empty((N,), cd, s2.device)
     hard_rows = native.empty((N,), cd, s2.device) if hard_w is not None else None
-    rows_cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows)
+    rows_cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows, V)
     return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
 
 
 _IMPLS = {"reference": _reference, "cpu": _cpu}
 
 
-def _validate(s2, t2, row_w, labels, hard_w):
+def _validate(s2, t2, V, row_w, labels, hard_w):
     checks.tensor(OP, "student_logits", s2, min_dim=2)
-    checks.like(OP, "teacher_logits", t2, "student_logits", s2)
+    Vs, Vt = s2.shape[-1], t2.shape[-1]
+    if V not in (Vs, Vt) or V < min(Vs, Vt) or t2.dim() != 2 or t2.shape[0] != s2.shape[0] or t2.dtype != s2.dtype:
+        raise ValueError(f"{OP}: student [N, Vs] and teacher [N, Vt] of one dtype with V = Vs or Vt, V >= min(Vs, Vt)")
     cd, N = checks.compute_dtype(s2.dtype), s2.shape[0]
     checks.per_sample(OP, "row_weight", row_w, N, cd, s2.device)
     if hard_w is not None:
@@ -211,18 +261,19 @@ def _validate(s2, t2, row_w, labels, hard_w):
 
 
 @torch.library.custom_op("flashdistill::kd_loss", mutates_args=())
-def _kd_op(s2: Tensor, t2: Tensor, kind: int, temperature: float, beta: float, alpha: float, lam: float,
+def _kd_op(s2: Tensor, t2: Tensor, kind: int, V: int, temperature: float, beta: float, alpha: float, lam: float,
            row_w: Tensor, labels: Optional[Tensor], hard_w: Optional[Tensor],
            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, soft sum, hard sum, d loss / d student) for [N, V] logits."""
-    _validate(s2, t2, row_w, labels, hard_w)
+    """(loss, soft sum, hard sum, d loss / d student) for [N, Vs] and [N, Vt] logits, the divergence
+    over V columns."""
+    _validate(s2, t2, V, row_w, labels, hard_w)
     name = backends.resolve(OP, backend, s2.device, IMPLEMENTED)
-    return _IMPLS[name](s2, t2, kind, temperature, beta, alpha, lam, row_w, labels, hard_w)
+    return _IMPLS[name](s2, t2, kind, V, temperature, beta, alpha, lam, row_w, labels, hard_w)
 
 
 @_kd_op.register_fake
-def _(s2, t2, kind, temperature, beta, alpha, lam, row_w, labels, hard_w, backend):
-    _validate(s2, t2, row_w, labels, hard_w)
+def _(s2, t2, kind, V, temperature, beta, alpha, lam, row_w, labels, hard_w, backend):
+    _validate(s2, t2, V, row_w, labels, hard_w)
     cd = checks.compute_dtype(s2.dtype)
     scalar = s2.new_empty((), dtype=cd)
     return scalar, s2.new_empty((), dtype=cd), s2.new_empty((), dtype=cd), torch.empty_like(s2)
@@ -236,7 +287,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_soft, grad_hard, grad_grad):
     (g,) = ctx.saved_tensors
     # only the loss is differentiable (soft and hard are returned detached by kd_loss)
-    return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * 10
+    return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * 11
 
 
 _kd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -35,13 +35,14 @@ research notes warn about, llm_kd.md Sec. 2.1).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from flashdistill.kernels import backends, checks, native
-from flashdistill.kernels.kd import KINDS, check_options, finish, rows_cpu, rows_reference, token_weights
+from flashdistill.kernels.kd import KINDS, VOCAB_MODES, check_options, finish, rows_cpu, rows_reference, token_weights
 from flashdistill.kernels.kd import topk
 
 OP = "fused_linear_kd_loss"
@@ -59,7 +60,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
                          teacher_weight: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                          teacher_ids: Optional[Tensor] = None, teacher_logprobs: Optional[Tensor] = None,
                          topk_mode: str = "tail_bucket", gen_temperature: Optional[float] = None,
-                         divergence: str = "forward_kl", temperature: float = 1.0, t_squared: bool = False,
+                         vocab: str = "exact", divergence: str = "forward_kl", temperature: float = 1.0, t_squared: bool = False,
                          beta: float = 0.5, alpha: float = 0.1, lam: float = 0.5, labels: Optional[Tensor] = None,
                          ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
                          normalizer=None, softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
@@ -70,8 +71,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
     student_hidden [..., H], student_weight [V, H], student_bias [V]; the teacher as one of
     teacher_logits [..., V]; teacher_hidden [..., Ht] with teacher_weight [V, Ht] (and teacher_bias [V]);
     or a stored top-k teacher, teacher_ids [..., K] with teacher_logprobs [..., K] (topk_kd_loss's
-    forward KL with ``topk_mode`` and ``gen_temperature``; divergence must be forward_kl). Returns the 0-d
-    loss (float32; float64 for float64 inputs), or (loss, soft, hard) with ``return_parts``.
+    forward KL with ``topk_mode`` and ``gen_temperature``; divergence must be forward_kl). A teacher
+    vocabulary Vt != V needs ``vocab`` = "truncate" or "pad" (kd_loss's). Returns the 0-d loss (float32; float64 for float64 inputs), or (loss, soft, hard) with ``return_parts``.
     """
     h, w, b = student_hidden, student_weight, student_bias
     checks.tensor(OP, "student_hidden", h, min_dim=1)
@@ -114,11 +115,13 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
         checks.tensor(OP, "teacher_logits", teacher_logits)
         if teacher_hidden is not None or teacher_bias is not None:
             raise ValueError(f"{OP}: teacher_hidden / teacher_bias go with teacher_weight, not teacher_logits")
-        if tuple(teacher_logits.shape) != (*tokens, V) or teacher_logits.device != h.device:
+        Vt = teacher_logits.shape[-1] if teacher_logits.dim() == len(tokens) + 1 else -1
+        if tuple(teacher_logits.shape[:-1]) != tuple(tokens) or teacher_logits.device != h.device \
+                or (vocab == "exact" and Vt != V):
             raise ValueError(f"{OP}: teacher_logits must be [..., V] = {(*tokens, V)} on {h.device} (the student's "
-                             f"tokens and vocabulary), got shape {tuple(teacher_logits.shape)} on "
-                             f"{teacher_logits.device}")
-        tl, th, tw, tb = teacher_logits.reshape(-1, V), None, None, None
+                             f"tokens and vocabulary; another vocabulary size needs vocab='truncate' or 'pad'), got "
+                             f"shape {tuple(teacher_logits.shape)} on {teacher_logits.device}")
+        tl, th, tw, tb = teacher_logits.reshape(-1, Vt), None, None, None
     elif teacher_weight is not None:
         th, tw, tb = teacher_hidden, teacher_weight, teacher_bias
         if th is None:
@@ -128,16 +131,21 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
         if th.device != h.device or tuple(th.shape[:-1]) != tuple(tokens):
             raise ValueError(f"{OP}: teacher_hidden must be [..., Ht] over the student's tokens {tuple(tokens)} on "
                              f"{h.device}, got shape {tuple(th.shape)} on {th.device}")
-        if tw.dim() != 2 or tuple(tw.shape) != (V, th.shape[-1]):
+        if tw.dim() != 2 or tw.shape[1] != th.shape[-1] or (vocab == "exact" and tw.shape[0] != V):
             raise ValueError(f"{OP}: teacher_weight must be [V, Ht] = {(V, th.shape[-1])} (the student's vocabulary, "
-                             f"teacher_hidden's size), got shape {tuple(tw.shape)}")
+                             f"teacher_hidden's size; another vocabulary size needs vocab='truncate' or 'pad'), got "
+                             f"shape {tuple(tw.shape)}")
+        Vt = tw.shape[0]
         _same(OP, "teacher_weight", tw, "teacher_hidden", th)
         if tb is not None:
             checks.tensor(OP, "teacher_bias", tb)
             _same(OP, "teacher_bias", tb, "teacher_hidden", th)
-            if tb.shape != (V,):
-                raise ValueError(f"{OP}: teacher_bias must be [V] = ({V},), got shape {tuple(tb.shape)}")
+            if tb.shape != (Vt,):
+                raise ValueError(f"{OP}: teacher_bias must be [Vt] = ({Vt},), got shape {tuple(tb.shape)}")
         tl, th = None, th.reshape(-1, th.shape[-1])
+    if vocab not in VOCAB_MODES:
+        raise ValueError(f"{OP}: vocab={vocab!r} is not one of {', '.join(VOCAB_MODES)}")
+    width = V if tids is not None or vocab == "exact" else (min if vocab == "truncate" else max)(V, Vt)
     for name, c in (("softcap", softcap), ("teacher_softcap", teacher_softcap)):
         if c is not None and (not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c)
                               or c <= 0):
@@ -148,20 +156,20 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
     check_options(OP, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
     cd = checks.compute_dtype(h.dtype)
     row_w, hard_w, hard_labels, t2f, n = token_weights(
-        OP, tokens, V, h.device, cd, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
+        OP, tokens, min(V, width), h.device, cd, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
         soft_weight=soft_weight, normalizer=normalizer, temperature=temperature, t_squared=t_squared)
     h2 = h.reshape(-1, H)
     N = h2.shape[0]
     if chunk_size is None:
         n_buf = 1 + (tids is None and not _teacher_in_place(tl, cd, teacher_softcap)) + (softcap is not None)
         budget = WORKSPACE_BYTES["cuda" if h.is_cuda else "cpu"]
-        chunk_size = max(1, budget // (V * n_buf * torch.finfo(cd).bits // 8))
+        chunk_size = max(1, budget // (max(V, width) * n_buf * torch.finfo(cd).bits // 8))
     chunk_size = min(chunk_size, N)
     grad_on = torch.is_grad_enabled()
     need = ((NEED_H if grad_on and h.requires_grad else 0) | (NEED_W if grad_on and w.requires_grad else 0)
             | (NEED_B if grad_on and b is not None and b.requires_grad else 0))
     loss, soft, hard, *_ = torch.ops.flashdistill.fused_linear_kd(
-        h2, w, b, tl, th, tw, tb, tids, tlp, topk_code if tids is not None else KINDS[divergence],
+        h2, w, b, tl, th, tw, tb, tids, tlp, topk_code if tids is not None else KINDS[divergence], width,
         float(ratio), float(temperature), float(beta), float(alpha), float(lam),
         float(softcap or 0.0), float(teacher_softcap or 0.0), row_w, hard_labels, hard_w, chunk_size, need, backend)
     if return_parts:
@@ -212,8 +220,8 @@ def _teacher_chunk(tl, th, tw_c, tb_c, tcap, i, j, direct, tbuf, cd):
     return t
 
 
-def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, T, beta, alpha, lam, cap, tcap, row_w, labels, hard_w,
-         chunk, need, backend):
+def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha, lam, cap, tcap, row_w, labels,
+         hard_w, chunk, need, backend):
     N, H = h.shape
     V = w.shape[0]
     cd = checks.compute_dtype(h.dtype)
@@ -227,7 +235,8 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, T, beta, alpha, lam, c
     grad_b = torch.zeros((V,), dtype=cd, device=dev) if need & NEED_B else None
     zbuf = torch.empty((chunk, V), dtype=cd, device=dev)
     direct = _teacher_in_place(tl, cd, tcap)
-    tbuf = None if direct or tids is not None else torch.empty((chunk, V), dtype=cd, device=dev)
+    Vt = tl.shape[1] if tl is not None else (tw.shape[0] if tw is not None else V)
+    tbuf = None if direct or tids is not None else torch.empty((chunk, Vt), dtype=cd, device=dev)
     kbuf = torch.empty((chunk, V), dtype=cd, device=dev) if cap else None
     for i in range(0, N, chunk):
         j = min(N, i + chunk)
@@ -245,7 +254,7 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, T, beta, alpha, lam, c
             rows = (topk.rows_cpu, topk.rows_reference)
         else:
             teacher = (_teacher_chunk(tl, th, tw_c, tb_c, tcap, i, j, direct, tbuf, cd), kind, T, beta, alpha, lam)
-            rows = (rows_cpu, rows_reference)
+            rows = (partial(rows_cpu, V=width), partial(rows_reference, V=width))
         if backend == "cpu":
             rows[0](z, *teacher, *masks, z, soft_rows[i:j], None if hard_rows is None else hard_rows[i:j])
             g = z  # the kernel wrote the gradient over the logits
@@ -271,7 +280,7 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, T, beta, alpha, lam, c
     return loss, soft, hard, grad_h, gw, gb
 
 
-def _validate(h, w, b, tl, th, tw, tb, tids, tlp, row_w, labels, hard_w, chunk):
+def _validate(h, w, b, tl, th, tw, tb, tids, tlp, width, row_w, labels, hard_w, chunk):
     N = h.shape[0]
     cd = checks.compute_dtype(h.dtype)
     checks.per_sample(OP, "row_weight", row_w, N, cd, h.device)
@@ -283,28 +292,33 @@ def _validate(h, w, b, tl, th, tw, tb, tids, tlp, row_w, labels, hard_w, chunk):
         raise ValueError(f"{OP}: hidden [N, H] and weight [V, H] expected, got {tuple(h.shape)}, {tuple(w.shape)}")
     if (tl is not None) + (tw is not None) + (tids is not None) != 1 or (tids is None) != (tlp is None):
         raise ValueError(f"{OP}: exactly one of teacher logits, teacher weight and teacher top-k")
+    V = w.shape[0]
+    Vt = tl.shape[1] if tl is not None else (tw.shape[0] if tw is not None else V)
+    if width not in (V, Vt) or width < min(V, Vt):
+        raise ValueError(f"{OP}: width {width} must be V = {V} or Vt = {Vt}, and >= min(V, Vt)")
 
 
 @torch.library.custom_op("flashdistill::fused_linear_kd", mutates_args=())
 def _fused_op(h: Tensor, w: Tensor, b: Optional[Tensor], tl: Optional[Tensor], th: Optional[Tensor],
               tw: Optional[Tensor], tb: Optional[Tensor], tids: Optional[Tensor], tlp: Optional[Tensor], kind: int,
-              ratio: float, temperature: float, beta: float, alpha: float,
+              width: int, ratio: float, temperature: float, beta: float, alpha: float,
               lam: float, softcap: float, teacher_softcap: float, row_w: Tensor, labels: Optional[Tensor],
               hard_w: Optional[Tensor], chunk: int, need: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, soft sum, hard sum, dloss/dh, dloss/dW, dloss/db); an empty tensor for a gradient not
     asked for in ``need``. With a top-k teacher (tids, tlp), ``kind`` is the top-k mode code and
     ``ratio`` T_gen / T; otherwise kind is kd_loss's divergence code."""
-    _validate(h, w, b, tl, th, tw, tb, tids, tlp, row_w, labels, hard_w, chunk)
+    _validate(h, w, b, tl, th, tw, tb, tids, tlp, width, row_w, labels, hard_w, chunk)
     name = backends.resolve(OP, backend, h.device, IMPLEMENTED)
-    return _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, temperature, beta, alpha, lam, softcap, teacher_softcap, row_w,
+    return _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, temperature, beta, alpha, lam, softcap,
+                teacher_softcap, row_w,
                 labels, hard_w, chunk, need, name)
 
 
 @_fused_op.register_fake
-def _(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, temperature, beta, alpha, lam, softcap, teacher_softcap, row_w,
-      labels, hard_w, chunk, need, backend):
-    _validate(h, w, b, tl, th, tw, tb, tids, tlp, row_w, labels, hard_w, chunk)
+def _(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, temperature, beta, alpha, lam, softcap, teacher_softcap,
+      row_w, labels, hard_w, chunk, need, backend):
+    _validate(h, w, b, tl, th, tw, tb, tids, tlp, width, row_w, labels, hard_w, chunk)
     cd = checks.compute_dtype(h.dtype)
     scalar = h.new_empty((), dtype=cd)
     gh = torch.empty_like(h) if need & NEED_H else h.new_empty(0)
@@ -315,7 +329,7 @@ def _(h, w, b, tl, th, tw, tb, tids, tlp, kind, ratio, temperature, beta, alpha,
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[3:])
-    ctx.need = inputs[21]
+    ctx.need = inputs[22]
     ctx.backend = inputs[-1]
 
 
@@ -327,7 +341,7 @@ def _backward(ctx, grad_loss, grad_soft, grad_hard, *_):
             return None
         return torch.ops.flashdistill.grad_scale(g, grad_loss.to(checks.compute_dtype(g.dtype)), 1.0, ctx.backend)
 
-    return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 20
+    return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 21
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)

@@ -40,9 +40,12 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "jsd_normalized", "skew_forwar
 
 
 def _kl(logp, logq):
-    """KL(P || Q) per row from log-probabilities (0 log 0 = 0)."""
+    """KL(P || Q) per row from log-probabilities (0 log 0 = 0; where P = 0 both logs are replaced
+    before the product, so that an infinite log there gives neither NaN nor a NaN gradient)."""
     P = logp.exp()
-    return torch.where(P > 0, P * (logp - logq), torch.zeros_like(P)).sum(-1)
+    has = P > 0
+    zero = torch.zeros_like(P)
+    return (P * (torch.where(has, logp, zero) - torch.where(has, logq, zero))).sum(-1)
 
 
 def token_divergence(student, teacher, kind: str, *, temperature: float = 1.0, beta: float = 0.5,
@@ -158,7 +161,8 @@ def token_grad(student, teacher, kind: str, *, temperature: float = 1.0, beta: f
     logq, logp = F.log_softmax(u, -1), F.log_softmax(v, -1)
     q, p = logq.exp(), logp.exp()
 
-    def softmax_jvp(a):  # d/du of sum f(q) with a = df/dq: q (a - sum q a)
+    def softmax_jvp(a):  # d/du of sum f(q) with a = df/dq: q (a - sum q a); q a = 0 where q = 0
+        a = torch.where(q > 0, a, torch.zeros_like(a))
         return q * (a - (q * a).sum(-1, keepdim=True))
 
     def rkl_grad():
