@@ -9,8 +9,9 @@ Public API (every op takes ``backend=``; see ``flashdistill.kernels.backends``):
     regression: consistency distillation and the fake-score (critic) loss
         consistency_loss, dsm_loss
     parameterizations: to_x0, convert (eps / x0 / v / flow / trigflow)
-    language-model logit distillation: kd_loss (forward/reverse KL, JSD, skew KL, TVD, mixed; the
-        fused-linear and top-k ops follow)
+    language-model logit distillation (forward/reverse KL, JSD, skew KL, TVD, mixed)
+        kd_loss (logits), fused_linear_kd_loss (hidden states and LM head, chunked),
+        topk_kd_loss (stored top-k teachers)
 
 Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++/OpenMP), ``triton``, ``cuda`` (C++).
 ``flashdistill.use_backend(name)`` and ``FLASHDISTILL_BACKEND`` set the default; ``auto`` picks the
