@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import flashdistill as fd
-from flashdistill.kernels.kd import linear
+from flashdistill.kernels.kd import linear, topk
 from flashdistill.kernels.kd import reference
 from oracle import as_oracle, assert_within_budget, backends_under_test, randn
 
@@ -132,7 +132,7 @@ def test_divergences(backend, divergence, teacher):
     check(backend, d, divergence=divergence, temperature=2.0, beta=0.3, alpha=0.1, lam=0.7, chunk_size=8)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in topk.IMPLEMENTED])
 @pytest.mark.parametrize("topk_mode", ["renorm_teacher", "renorm_both", "tail_bucket"])
 def test_topk_teacher(backend, topk_mode):
     d = make(17, 16, 203, torch.float32, seed=13, teacher="topk")
@@ -226,7 +226,8 @@ def test_all_masked_and_frozen_head(backend):
 
 
 class _Sizes(TorchDispatchMode):
-    """Records the element count of every tensor an aten op returns."""
+    """Records the size in bytes of every tensor an aten op returns (bytes: the Triton interpreter
+    moves a kernel's arguments as uint8 views of their storage)."""
 
     def __init__(self):
         super().__init__()
@@ -236,7 +237,7 @@ class _Sizes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
+                self.largest = max(self.largest, t.numel() * t.element_size())
         return out
 
 
@@ -250,8 +251,8 @@ def test_workspace_independent_of_tokens(backend):
             torch.full((N,), 1.0 / N), None, None, chunk, linear.NEED_H | linear.NEED_W | linear.NEED_B, backend)
     with _Sizes() as sizes:
         linear._run(*args)
-    allowed = max(chunk * V, V * max(H, d["th"].shape[1]), N * H)
-    assert 0 < sizes.largest <= allowed < N * V
+    allowed = 4 * max(chunk * V, V * max(H, d["th"].shape[1]), N * H)  # float32
+    assert 0 < sizes.largest <= allowed < 4 * N * V
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -303,7 +304,9 @@ def _bad(**over):
     (_bad(chunk_size=0), r"chunk_size must be None or an int >= 1"),
     (_bad(labels=torch.tensor([0, 1, 2, 10]), hard_weight=1.0), r"labels\[3\] = 10 is outside \[0, 10\)"),
     (_bad(divergence="kl"), r"fused_linear_kd_loss: divergence='kl' is not one of"),
-    (_bad(backend="triton"), r"fused_linear_kd_loss: backend 'triton' is not implemented for this op yet"),
+    (_bad(backend="cuda"), r"fused_linear_kd_loss: backend 'cuda' is not implemented for this op yet"),
+    (_bad(teacher_weight=None, teacher_hidden=None, teacher_ids=torch.tensor([[0, 1]] * 4),
+          teacher_logprobs=torch.zeros(4, 2), backend="triton"), r"backend 'triton' is not implemented for this op"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input(call, match):
     with pytest.raises((ValueError, RuntimeError, TypeError), match=match):

@@ -44,7 +44,7 @@ from flashdistill.kernels.kd import reference
 OP = "kd_loss"
 KINDS = {name: i for i, name in enumerate(("forward_kl", "reverse_kl", "jsd", "jsd_normalized", "tvd",
                                            "skew_forward_kl", "skew_reverse_kl", "mixed"))}
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "triton")
 
 __all__ = ["kd_loss", "fused_linear_kd_loss", "topk_kd_loss"]
 
@@ -244,7 +244,26 @@ def _cpu(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
     return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
 
 
-_IMPLS = {"reference": _reference, "cpu": _cpu}
+def rows_triton(*args, **kw):
+    """rows_cpu's contract, the Triton kernel (triton_kernel.kd_rows)."""
+    from flashdistill.kernels.kd import triton_kernel
+
+    triton_kernel.kd_rows(*args, **kw)
+
+
+def _triton(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
+    N = s2.shape[0]
+    s2, t2 = native.rows(s2), native.rows(t2)
+    cd = checks.compute_dtype(s2.dtype)
+    grad = native.empty(s2.shape, s2.dtype, s2.device)
+    soft_rows = native.empty((N,), cd, s2.device)
+    hard_rows = native.empty((N,), cd, s2.device) if hard_w is not None else None
+    rows_triton(s2, t2, kind, T, beta, alpha, lam, row_w.contiguous(), native.contiguous(labels),
+                native.contiguous(hard_w), grad, soft_rows, hard_rows, V)
+    return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+
+
+_IMPLS = {"reference": _reference, "cpu": _cpu, "triton": _triton}
 
 
 def _validate(s2, t2, V, row_w, labels, hard_w):

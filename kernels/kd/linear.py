@@ -42,11 +42,12 @@ import torch
 from torch import Tensor
 
 from flashdistill.kernels import backends, checks, native
-from flashdistill.kernels.kd import KINDS, VOCAB_MODES, check_options, finish, rows_cpu, rows_reference, token_weights
+from flashdistill.kernels.kd import (KINDS, VOCAB_MODES, check_options, finish, rows_cpu, rows_reference, rows_triton,
+                                     token_weights)
 from flashdistill.kernels.kd import topk
 
 OP = "fused_linear_kd_loss"
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "triton")  # the row kernel's backend; the matmuls are torch's
 WORKSPACE_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 
 # bits of the op's `need` argument: which gradients to compute
@@ -152,7 +153,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
             raise ValueError(f"{OP}: {name} must be None or a finite float > 0, got {c!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    backend = backends.requested(OP, backend, h.device, IMPLEMENTED)
+    backend = backends.requested(OP, backend, h.device, _implemented(tids))
     check_options(OP, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
     cd = checks.compute_dtype(h.dtype)
     row_w, hard_w, hard_labels, t2f, n = token_weights(
@@ -175,6 +176,11 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
     return loss
+
+
+def _implemented(tids):
+    """The backends with a row kernel for this teacher form (the top-k one has no Triton kernel yet)."""
+    return tuple(b for b in IMPLEMENTED if b in topk.IMPLEMENTED) if tids is not None else IMPLEMENTED
 
 
 def _same(op, name, t, ref_name, ref):
@@ -251,15 +257,16 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha,
         masks = (row_w[i:j], None if labels is None else labels[i:j], None if hard_w is None else hard_w[i:j])
         if tids is not None:
             teacher = (tids[i:j], tlp[i:j], kind, T, ratio)
-            rows = (topk.rows_cpu, topk.rows_reference)
+            in_place, spec = {"cpu": topk.rows_cpu}, topk.rows_reference
         else:
             teacher = (_teacher_chunk(tl, th, tw_c, tb_c, tcap, i, j, direct, tbuf, cd), kind, T, beta, alpha, lam)
-            rows = (partial(rows_cpu, V=width), partial(rows_reference, V=width))
-        if backend == "cpu":
-            rows[0](z, *teacher, *masks, z, soft_rows[i:j], None if hard_rows is None else hard_rows[i:j])
+            in_place = {"cpu": partial(rows_cpu, V=width), "triton": partial(rows_triton, V=width)}
+            spec = partial(rows_reference, V=width)
+        if backend in in_place:
+            in_place[backend](z, *teacher, *masks, z, soft_rows[i:j], None if hard_rows is None else hard_rows[i:j])
             g = z  # the kernel wrote the gradient over the logits
         else:
-            s_r, h_r, g = rows[1](z, *teacher, *masks)
+            s_r, h_r, g = spec(z, *teacher, *masks)
             soft_rows[i:j] = s_r
             if hard_rows is not None:
                 hard_rows[i:j] = h_r
@@ -309,7 +316,7 @@ def _fused_op(h: Tensor, w: Tensor, b: Optional[Tensor], tl: Optional[Tensor], t
     asked for in ``need``. With a top-k teacher (tids, tlp), ``kind`` is the top-k mode code and
     ``ratio`` T_gen / T; otherwise kind is kd_loss's divergence code."""
     _validate(h, w, b, tl, th, tw, tb, tids, tlp, width, row_w, labels, hard_w, chunk)
-    name = backends.resolve(OP, backend, h.device, IMPLEMENTED)
+    name = backends.resolve(OP, backend, h.device, _implemented(tids))
     return _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, temperature, beta, alpha, lam, softcap,
                 teacher_softcap, row_w,
                 labels, hard_w, chunk, need, name)

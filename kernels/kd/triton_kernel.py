@@ -1,0 +1,248 @@
+"""Triton row kernel of kd_loss (the GPU path; the cpu twin is csrc/cpu/kd.cpp, the math reference.py).
+
+One program per row of V logits, three passes over the row, every sum in the compute type C
+(float32; float64 for float64 logits):
+  A  the maxima and sums of exp of u = z / T and v = t / T (and of the untempered z for the hard CE),
+     tile by tile with the running maximum rescaling the sum (one exp per element and side);
+  B  the divergence's row sums with the exact log-probabilities log q = u - LSE(u), log p = v - LSE(v)
+     (and log m, recomputed, for jsd and the skew KLs);
+  C  the gradient, written once: (rw / T) dD/du + hw (softmax(z) - onehot(y)).
+Nothing is stored between passes but the row's scalars, so passes B and C re-read the row: traffic
+per row (s = element size) 3 x 2 V s read + V s written = 7 V s against the floor of 3 V s (read
+both, write the gradient). On an H100 a 128k-vocabulary fp32 row pair is 1 MB and hundreds of rows
+are in flight, more than the 50 MB L2, so the re-reads come from HBM: predicted ~2.3x the floor for
+the kinds that need pass B (jsd, tvd, skew KL) -- the research notes' 2-pass forward KL (its sums
+carried online through pass A) is the next step and would give 5 V s.
+Flops per element: ~6 exps/logs in A-C for forward KL, ~10 with a log m (jsd, skew): far below an
+H100's ~60 flops per byte, so memory bound.
+
+Deterministic: each program walks its row in a fixed tile order; tile sums are tl.sum (a fixed tree);
+no atomics. Columns past a side's width read as -inf (kd_loss's ``vocab`` padding; a truncated
+student's columns past V get a zero gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashdistill.kernels import triton_utils
+
+FKL, RKL, JSD, JSD_N, TVD, SKEW_F, SKEW_R, MIXED = range(8)
+
+
+@triton.jit
+def _logaddexp(a, b):
+    """log(exp(a) + exp(b)) elementwise; -inf when both are -inf."""
+    mx = tl.maximum(a, b)
+    d = tl.where(a > b, b - a, a - b)
+    r = mx + tl.log(1.0 + tl.exp(d))
+    return tl.where(mx == float("-inf"), mx, r)
+
+
+@triton.jit
+def _tempered(ptr, offs, lim, T, T_ONE: tl.constexpr, C: tl.constexpr):
+    """(x, x / T) of the row's tile: x in C, -inf past ``lim``."""
+    x = tl.load(ptr + offs, mask=offs < lim, other=float("-inf")).to(C)
+    if T_ONE:
+        xt = x
+    else:
+        xt = triton_utils.div_rn(x, T, C)
+    return x, xt
+
+
+@triton.jit
+def _online(m, s, x):
+    """Running (max, sum of exp(x - max)) updated with the tile x."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    scale = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+    e = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_new))
+    return m_new, s * scale + tl.sum(e, axis=0)
+
+
+@triton.jit
+def _kd_rows_kernel(
+    s_ptr, s_stride, s_lim, s_width,        # student [N, *] (s_lim = min(s_width, V)); grad [N, s_width]
+    t_ptr, t_stride, t_lim,                 # teacher [N, *]
+    g_ptr,
+    rw_ptr, lab_ptr, hw_ptr,                # [N] row weight, labels (-1: none), hard weight
+    soft_ptr, hard_ptr,                     # out [N]: divergence, CE
+    V, T, beta, log_b, log_1b, f_jsd, alpha, log_a, log_1a, lam,
+    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, WRITE_HARD: tl.constexpr,
+    T_ONE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + r * s_stride
+    t_row = t_ptr + r * t_stride
+    g_row = g_ptr + r * s_width
+    ar = tl.arange(0, BLOCK)
+    rw = tl.load(rw_ptr + r).to(C)
+    if HAS_LABELS:
+        y = tl.load(lab_ptr + r)
+    else:
+        y = -1
+    if HAS_HARD:
+        hw = tl.load(hw_ptr + r).to(C)
+    else:
+        hw = tl.zeros([], C)
+    hard_grad = (y >= 0) & (hw != 0.0)
+    zero_tile = tl.zeros([BLOCK], C)
+
+    if (rw == 0.0) & (hard_grad == 0):  # a masked row
+        tl.store(soft_ptr + r, tl.zeros([], C))
+        if WRITE_HARD:
+            tl.store(hard_ptr + r, tl.zeros([], C))
+        for i in range(0, s_width, BLOCK):
+            triton_utils.store_rounded(g_row + i + ar, zero_tile, i + ar < s_width)
+    else:
+        # ---- A: maxima and sums of exp ----
+        mu = tl.full([], float("-inf"), C)
+        su = tl.zeros([], C)
+        mv = tl.full([], float("-inf"), C)
+        sv = tl.zeros([], C)
+        mz = tl.full([], float("-inf"), C)
+        sz = tl.zeros([], C)
+        for i in range(0, V, BLOCK):
+            offs = i + ar
+            z, u = _tempered(s_row, offs, s_lim, T, T_ONE, C)
+            _, v = _tempered(t_row, offs, t_lim, T, T_ONE, C)
+            mu, su = _online(mu, su, u)
+            mv, sv = _online(mv, sv, v)
+            if not T_ONE:
+                mz, sz = _online(mz, sz, z)
+        lse_u = mu + tl.log(su)
+        lse_v = mv + tl.log(sv)
+        if T_ONE:
+            lse_z = lse_u
+        else:
+            lse_z = mz + tl.log(sz)
+        if WRITE_HARD:
+            zy = tl.load(s_row + tl.maximum(y, 0)).to(C)
+            tl.store(hard_ptr + r, tl.where(y >= 0, lse_z - zy, 0.0))
+
+        # ---- B: the kind's row sums ----
+        acc0 = zero_tile
+        acc1 = zero_tile
+        for i in range(0, V, BLOCK):
+            offs = i + ar
+            _, u = _tempered(s_row, offs, s_lim, T, T_ONE, C)
+            _, v = _tempered(t_row, offs, t_lim, T, T_ONE, C)
+            lq = u - lse_u
+            lp = v - lse_v
+            q = tl.exp(lq)
+            p = tl.exp(lp)
+            if KIND == FKL:
+                acc0 += tl.where(p > 0.0, p * (lp - lq), 0.0)
+            elif KIND == RKL:
+                acc0 += tl.where(q > 0.0, q * (lq - lp), 0.0)
+            elif KIND == JSD or KIND == JSD_N:
+                lm = _logaddexp(lp + log_b, lq + log_1b)
+                acc0 += tl.where(p > 0.0, p * (lp - lm), 0.0)
+                acc1 += tl.where(q > 0.0, q * (lq - lm), 0.0)
+            elif KIND == TVD:
+                sg = 0.5 * ((q > p).to(C) - (q < p).to(C))
+                acc0 += tl.abs(q - p)
+                acc1 += q * sg
+            elif KIND == SKEW_F:
+                lm = _logaddexp(lp + log_a, lq + log_1a)
+                pm = tl.where(p > 0.0, tl.exp(lp - lm), 0.0)
+                acc0 += tl.where(p > 0.0, p * (lp - lm), 0.0)
+                acc1 += q * pm
+            elif KIND == SKEW_R:
+                x = lq - _logaddexp(lp + log_1a, lq + log_a)
+                av = tl.where(q > 0.0, x - alpha * tl.exp(x), 0.0)
+                acc0 += tl.where(q > 0.0, q * x, 0.0)
+                acc1 += q * av
+            else:  # MIXED
+                d = lq - lp
+                acc0 += tl.where(p > 0.0, -p * d, 0.0)
+                acc1 += tl.where(q > 0.0, q * d, 0.0)
+        s0 = tl.sum(acc0, axis=0)
+        s1 = tl.sum(acc1, axis=0)
+        if KIND == FKL or KIND == RKL:
+            D = s0
+        elif KIND == JSD:
+            D = beta * s0 + (1.0 - beta) * s1
+        elif KIND == JSD_N:
+            D = (beta * s0 + (1.0 - beta) * s1) / (beta * (1.0 - beta))
+        elif KIND == TVD:
+            D = 0.5 * s0
+        elif KIND == SKEW_F or KIND == SKEW_R:
+            D = s0
+        else:
+            D = lam * s0 + (1.0 - lam) * s1
+        tl.store(soft_ptr + r, D)
+
+        # ---- C: the gradient ----
+        cs = rw / T
+        for i in range(0, V, BLOCK):
+            offs = i + ar
+            z, u = _tempered(s_row, offs, s_lim, T, T_ONE, C)
+            _, v = _tempered(t_row, offs, t_lim, T, T_ONE, C)
+            lq = u - lse_u
+            lp = v - lse_v
+            q = tl.exp(lq)
+            p = tl.exp(lp)
+            if KIND == FKL:
+                gs = q - p
+            elif KIND == RKL:
+                gs = tl.where(q > 0.0, q * ((lq - lp) - s0), 0.0)
+            elif KIND == JSD or KIND == JSD_N:
+                lm = _logaddexp(lp + log_b, lq + log_1b)
+                gs = tl.where(q > 0.0, f_jsd * (q * ((lq - lm) - s1)), 0.0)
+            elif KIND == TVD:
+                sg = 0.5 * ((q > p).to(C) - (q < p).to(C))
+                gs = q * (sg - s1)
+            elif KIND == SKEW_F:
+                lm = _logaddexp(lp + log_a, lq + log_1a)
+                pm = tl.where(p > 0.0, tl.exp(lp - lm), 0.0)
+                gs = (1.0 - alpha) * (q * (s1 - pm))
+            elif KIND == SKEW_R:
+                x = lq - _logaddexp(lp + log_1a, lq + log_a)
+                av = tl.where(q > 0.0, x - alpha * tl.exp(x), 0.0)
+                gs = q * (av - s1)
+            else:
+                r2 = tl.where(q > 0.0, q * ((lq - lp) - s1), 0.0)
+                gs = lam * (q - p) + (1.0 - lam) * r2
+            g = tl.where(rw != 0.0, cs * gs, 0.0)
+            if HAS_HARD:
+                ce = tl.exp(z - lse_z) - (offs == y).to(C)
+                g = g + tl.where(hard_grad, hw * ce, 0.0)
+            triton_utils.store_rounded(g_row + offs, g, offs < s_lim)
+        for i in range(V, s_width, BLOCK):  # a truncated student: zero past V
+            triton_utils.store_rounded(g_row + i + ar, zero_tile, i + ar < s_width)
+
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+MAX_BLOCK = 2048  # tuning: elements per tile of a row
+
+
+def kd_rows(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows, V=None):
+    """kd_loss's row kernel into given buffers (the cpu rows_cpu's contract: grad [N, Vs] may be s2
+    itself, s2 [N, Vs] and t2 [N, Vt] unit-stride rows of one dtype, the divergence over V columns)."""
+    import math
+
+    N, Vs = s2.shape
+    Vt = t2.shape[1]
+    V = Vs if V is None else V
+    if N == 0:
+        return
+    if kind in (JSD, JSD_N) and beta == 0.0:
+        kind = FKL
+    elif kind in (JSD, JSD_N) and beta == 1.0:
+        kind = RKL
+    safe = lambda x: math.log(x) if x > 0 else float("-inf")  # noqa: E731
+    BLOCK = min(MAX_BLOCK, max(128, triton.next_power_of_2(V)))
+    dummy = row_w
+    with triton_utils.device_guard(s2):
+        _kd_rows_kernel[(N,)](
+            s2, s2.stride(0), min(Vs, V), Vs, t2, t2.stride(0), min(Vt, V), grad,
+            row_w, labels if labels is not None else dummy, hard_w if hard_w is not None else dummy,
+            soft_rows, hard_rows if hard_rows is not None else soft_rows,
+            V, float(T), float(beta), safe(beta), safe(1.0 - beta),
+            (1.0 / beta if kind == JSD_N else 1.0 - beta) if 0.0 < beta < 1.0 else 1.0,
+            float(alpha), safe(alpha), safe(1.0 - alpha), float(lam),
+            KIND=kind, HAS_LABELS=labels is not None, HAS_HARD=hard_w is not None,
+            WRITE_HARD=hard_rows is not None, T_ONE=T == 1.0, C=triton_utils.tl_compute(s2.dtype), BLOCK=BLOCK,
+            num_warps=8 if BLOCK >= 2048 else 4, enable_fp_fusion=False)
