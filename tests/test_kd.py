@@ -90,7 +90,7 @@ def test_opcheck(backend):
     z, t = make(4, 33, torch.float32, seed=6)
     w = torch.full((4,), 0.25)
     torch.library.opcheck(torch.ops.flashdistill.kd_loss.default,
-                          (z.clone().requires_grad_(True), t, 2, 33, 2.0, 0.3, 0.1, 0.5, w, torch.tensor([1, -1, 5, 0]),
+                          (z.clone().requires_grad_(True), t, 2, 33, 2.0, 0.3, 0.1, 0.5, None, w, torch.tensor([1, -1, 5, 0]),
                            w * 2, backend))
 
 
@@ -184,3 +184,25 @@ def test_vocab_bad_input():
         fd.kd_loss(z, t[:3], vocab="pad")
     with pytest.raises(ValueError, match=r"labels\[0\] = 9 is outside \[0, 8\)"):
         fd.kd_loss(z, t[:, :8], vocab="truncate", labels=torch.tensor([9, 0, 0, 0]), hard_weight=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [0.0, 0.35, 1.0])
+def test_taid_lam_tensor(backend, lam):
+    """TAID's lam as a 0-d tensor (scheduled by the caller) equals the float, the endpoints included
+    (lam = 0: the target is the student itself, loss 0; lam = 1: forward KL)."""
+    z, t = make(5, 97, torch.float32, seed=11)
+    check(backend, z, t, divergence="taid", lam=torch.tensor(lam), temperature=1.5)
+    check(backend, z, t, divergence="taid", lam=lam, temperature=1.5)
+    if lam == 1.0:
+        ref = fd.kd_loss(z, t, divergence="forward_kl", temperature=1.5, backend=backend)
+        torch.testing.assert_close(fd.kd_loss(z, t, divergence="taid", lam=torch.tensor(1.0), temperature=1.5,
+                                              backend=backend), ref)
+
+
+def test_taid_lam_tensor_bad_input():
+    z, t = make(4, 10, torch.float32, seed=12)
+    with pytest.raises(ValueError, match=r"lam may be a tensor only for divergence='taid'"):
+        fd.kd_loss(z, t, divergence="mixed", lam=torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"kd_loss: lam must be in \[0, 1\], got 1.5"):
+        fd.kd_loss(z, t, divergence="taid", lam=torch.tensor(1.5))

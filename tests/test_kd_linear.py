@@ -154,6 +154,12 @@ def test_vocab_mismatch(backend, vocab, V, Vt, divergence, teacher):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_taid_lam_tensor(backend):
+    d = make(9, 16, 150, torch.float32, seed=14)
+    check(backend, d, divergence="taid", lam=torch.tensor(0.3), temperature=2.0, chunk_size=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_dtypes(backend, dtype):
     d = make(13, 32, 257, dtype, seed=11)
@@ -260,7 +266,7 @@ def test_opcheck_and_compile(backend):
     d = make(6, 8, 33, torch.float32, seed=10)
     h, w, b = (d[k].clone().requires_grad_(True) for k in ("h", "w", "b"))
     torch.library.opcheck(torch.ops.flashdistill.fused_linear_kd.default,
-                          (h, w, b, None, d["th"], d["tw"], d["tb"], None, None, 2, 33, 1.0, 2.0, 0.3, 0.1, 0.5, 3.0, 0.0,
+                          (h, w, b, None, d["th"], d["tw"], d["tb"], None, None, 2, 33, 1.0, 2.0, 0.3, 0.1, 0.5, None, 3.0, 0.0,
                            torch.full((6,), 0.25), torch.tensor([1, -1, 5, 0, 32, 3]), torch.full((6,), 0.5), 4,
                            linear.NEED_H | linear.NEED_W | linear.NEED_B, backend))
 

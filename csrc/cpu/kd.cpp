@@ -167,6 +167,11 @@ template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>:
   C* EV = scratch + 3 * V;
   C* W = scratch + 4 * V;
 
+  // TAID is forward KL to softmax(lam v + (1 - lam) u): v is replaced in pass 1a (lam = 1: v; 0: u)
+  const bool taid = a.kind == kKdTAID;
+  const bool taid_mix = taid && a.lam < 1.0;
+  const C lam_c = C(a.lam), one_m_lam = C(1.0 - a.lam);
+
   // ---- pass 1a: u, v and the maxima ----
   C mu = -C(__builtin_inf()), mv = mu, mz = mu;
   alignas(64) C zt[kTile];
@@ -181,6 +186,15 @@ template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>:
       for (int64_t k = 0; k < m; ++k) {
         u[k] = u[k] / Tc;
         v[k] = v[k] / Tc;
+      }
+    }
+    if (taid_mix) {  // the TAID target's logits (lam = 0 copies u: no 0 * inf from -inf padding)
+      const C* __restrict__ u = U + i;
+      C* __restrict__ v = Vv + i;
+      if (a.lam == 0.0) {
+        for (int64_t k = 0; k < m; ++k) v[k] = u[k];
+      } else {
+        for (int64_t k = 0; k < m; ++k) v[k] = lam_c * v[k] + one_m_lam * u[k];
       }
     }
     mu = tile_max(U + i, m, mu);
@@ -222,7 +236,7 @@ template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>:
   auto Q = [=](int64_t i) { return EU[i] * inv_u; };
   auto P = [=](int64_t i) { return EV[i] * inv_v; };
 
-  int64_t kind = a.kind;
+  int64_t kind = taid ? int64_t(kKdForwardKL) : a.kind;
   const double beta = a.beta;
   if ((kind == kKdJSD || kind == kKdJSDNormalized) && beta == 0.0) kind = kKdForwardKL;
   if ((kind == kKdJSD || kind == kKdJSDNormalized) && beta == 1.0) kind = kKdReverseKL;
@@ -631,11 +645,12 @@ template <typename T> void topk_run(const TopkArgs& a) {
 }  // namespace
 
 void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, int64_t s_width,
-                uintptr_t teacher, int64_t t_stride, int64_t t_width, int64_t kind, double temperature, double beta, double alpha, double lam,
+                uintptr_t teacher, int64_t t_stride, int64_t t_width, int64_t kind, double temperature, double beta,
+                double alpha, double lam,
                 uintptr_t row_weight, uintptr_t labels, uintptr_t hard_weight, uintptr_t grad, uintptr_t soft_rows,
                 uintptr_t hard_rows) {
-  if (kind < kKdForwardKL || kind > kKdMixed)
-    throw std::invalid_argument("kd_forward: unsupported kind code " + std::to_string(kind) + " (0..7)");
+  if (kind < kKdForwardKL || kind > kKdTAID)
+    throw std::invalid_argument("kd_forward: unsupported kind code " + std::to_string(kind) + " (0..8)");
   if (s_width < 1 || t_width < 1 || V < std::min(s_width, t_width) || V > std::max(s_width, t_width))
     throw std::invalid_argument("kd_forward: V must lie between the student's and the teacher's widths");
   const Args a{N, V, s_stride, s_width, t_stride, t_width, kind, temperature, beta, alpha, lam,

@@ -43,7 +43,7 @@ from flashdistill.kernels.kd import reference
 
 OP = "kd_loss"
 KINDS = {name: i for i, name in enumerate(("forward_kl", "reverse_kl", "jsd", "jsd_normalized", "tvd",
-                                           "skew_forward_kl", "skew_reverse_kl", "mixed"))}
+                                           "skew_forward_kl", "skew_reverse_kl", "mixed", "taid"))}
 IMPLEMENTED = ("reference", "cpu", "triton")
 
 __all__ = ["kd_loss", "fused_linear_kd_loss", "topk_kd_loss"]
@@ -69,8 +69,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str =
         OP, s.shape[:-1], min(V, s.shape[-1]), s.device, checks.compute_dtype(s.dtype), labels=labels, ignore_index=ignore_index,
         hard_weight=hard_weight, soft_weight=soft_weight, normalizer=normalizer, temperature=temperature,
         t_squared=t_squared)
+    lam_f, lam_t = (0.5, lam.reshape(()).to(checks.compute_dtype(s.dtype))) if isinstance(lam, Tensor) else \
+        (float(lam), None)
     loss, soft, hard, _ = torch.ops.flashdistill.kd_loss(s2, t2, KINDS[divergence], V, float(temperature), float(beta),
-                                                      float(alpha), float(lam), row_w, hard_labels, hard_w, backend)
+                                                      float(alpha), lam_f, lam_t, row_w, hard_labels, hard_w, backend)
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
     return loss
@@ -99,6 +101,13 @@ def check_options(op, divergence, temperature, beta, alpha, lam, hard_weight, so
     """The float options every KD op shares: finite, in range, a known divergence."""
     if divergence not in KINDS:
         raise ValueError(f"{op}: divergence={divergence!r} is not one of {', '.join(KINDS)}")
+    if isinstance(lam, Tensor):  # TAID's scheduled lam: a one-element tensor (no host sync on a GPU)
+        if divergence != "taid" or lam.numel() != 1 or not lam.is_floating_point():
+            raise ValueError(f"{op}: lam may be a tensor only for divergence='taid', and then one float element; got "
+                             f"{tuple(lam.shape)} {lam.dtype} for {divergence!r}")
+        if lam.device.type == "cpu" and not torch.compiler.is_compiling() and not 0.0 <= float(lam) <= 1.0:
+            raise ValueError(f"{op}: lam must be in [0, 1], got {float(lam)}")
+        lam = 0.5  # checked
     for name, v in (("temperature", temperature), ("beta", beta), ("alpha", alpha), ("lam", lam),
                     ("hard_weight", hard_weight), ("soft_weight", soft_weight)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
@@ -229,6 +238,7 @@ def rows_reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, V=N
 
 
 def _reference(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
+    # lam: a float, or TAID's 0-d tensor
     soft_rows, hard_rows, grad = rows_reference(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, V)
     return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
 
@@ -281,17 +291,22 @@ def _validate(s2, t2, V, row_w, labels, hard_w):
 
 @torch.library.custom_op("flashdistill::kd_loss", mutates_args=())
 def _kd_op(s2: Tensor, t2: Tensor, kind: int, V: int, temperature: float, beta: float, alpha: float, lam: float,
-           row_w: Tensor, labels: Optional[Tensor], hard_w: Optional[Tensor],
+           lam_t: Optional[Tensor], row_w: Tensor, labels: Optional[Tensor], hard_w: Optional[Tensor],
            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, soft sum, hard sum, d loss / d student) for [N, Vs] and [N, Vt] logits, the divergence
-    over V columns."""
+    over V columns; lam_t (a 0-d tensor of the compute dtype) replaces lam when given (TAID)."""
     _validate(s2, t2, V, row_w, labels, hard_w)
     name = backends.resolve(OP, backend, s2.device, IMPLEMENTED)
+    if lam_t is not None:
+        if lam_t.shape != () or lam_t.dtype != checks.compute_dtype(s2.dtype) or lam_t.device != s2.device:
+            raise ValueError(f"{OP}: lam_t must be a 0-d {checks.compute_dtype(s2.dtype)} tensor on {s2.device}")
+        # the cpu kernel takes a float (reading a CPU tensor is no sync); the others read the tensor
+        lam = float(lam_t) if name == "cpu" else lam_t
     return _IMPLS[name](s2, t2, kind, V, temperature, beta, alpha, lam, row_w, labels, hard_w)
 
 
 @_kd_op.register_fake
-def _(s2, t2, kind, V, temperature, beta, alpha, lam, row_w, labels, hard_w, backend):
+def _(s2, t2, kind, V, temperature, beta, alpha, lam, lam_t, row_w, labels, hard_w, backend):
     _validate(s2, t2, V, row_w, labels, hard_w)
     cd = checks.compute_dtype(s2.dtype)
     scalar = s2.new_empty((), dtype=cd)
@@ -306,7 +321,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_soft, grad_hard, grad_grad):
     (g,) = ctx.saved_tensors
     # only the loss is differentiable (soft and hard are returned detached by kd_loss)
-    return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * 11
+    return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * 12
 
 
 _kd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -166,12 +166,13 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
         budget = WORKSPACE_BYTES["cuda" if h.is_cuda else "cpu"]
         chunk_size = max(1, budget // (max(V, width) * n_buf * torch.finfo(cd).bits // 8))
     chunk_size = min(chunk_size, N)
+    lam_t = lam.reshape(()).to(cd) if isinstance(lam, Tensor) else None  # TAID's scheduled lam
     grad_on = torch.is_grad_enabled()
     need = ((NEED_H if grad_on and h.requires_grad else 0) | (NEED_W if grad_on and w.requires_grad else 0)
             | (NEED_B if grad_on and b is not None and b.requires_grad else 0))
     loss, soft, hard, *_ = torch.ops.flashdistill.fused_linear_kd(
         h2, w, b, tl, th, tw, tb, tids, tlp, topk_code if tids is not None else KINDS[divergence], width,
-        float(ratio), float(temperature), float(beta), float(alpha), float(lam),
+        float(ratio), float(temperature), float(beta), float(alpha), 0.5 if lam_t is not None else float(lam), lam_t,
         float(softcap or 0.0), float(teacher_softcap or 0.0), row_w, hard_labels, hard_w, chunk_size, need, backend)
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
@@ -309,7 +310,8 @@ def _validate(h, w, b, tl, th, tw, tb, tids, tlp, width, row_w, labels, hard_w, 
 def _fused_op(h: Tensor, w: Tensor, b: Optional[Tensor], tl: Optional[Tensor], th: Optional[Tensor],
               tw: Optional[Tensor], tb: Optional[Tensor], tids: Optional[Tensor], tlp: Optional[Tensor], kind: int,
               width: int, ratio: float, temperature: float, beta: float, alpha: float,
-              lam: float, softcap: float, teacher_softcap: float, row_w: Tensor, labels: Optional[Tensor],
+              lam: float, lam_t: Optional[Tensor], softcap: float, teacher_softcap: float, row_w: Tensor,
+              labels: Optional[Tensor],
               hard_w: Optional[Tensor], chunk: int, need: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, soft sum, hard sum, dloss/dh, dloss/dW, dloss/db); an empty tensor for a gradient not
@@ -317,14 +319,16 @@ def _fused_op(h: Tensor, w: Tensor, b: Optional[Tensor], tl: Optional[Tensor], t
     ``ratio`` T_gen / T; otherwise kind is kd_loss's divergence code."""
     _validate(h, w, b, tl, th, tw, tb, tids, tlp, width, row_w, labels, hard_w, chunk)
     name = backends.resolve(OP, backend, h.device, _implemented(tids))
+    if lam_t is not None:  # TAID: the cpu kernel takes a float (no sync on the CPU); the others the tensor
+        lam = float(lam_t) if name == "cpu" else lam_t
     return _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, temperature, beta, alpha, lam, softcap,
                 teacher_softcap, row_w,
                 labels, hard_w, chunk, need, name)
 
 
 @_fused_op.register_fake
-def _(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, temperature, beta, alpha, lam, softcap, teacher_softcap,
-      row_w, labels, hard_w, chunk, need, backend):
+def _(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, temperature, beta, alpha, lam, lam_t, softcap,
+      teacher_softcap, row_w, labels, hard_w, chunk, need, backend):
     _validate(h, w, b, tl, th, tw, tb, tids, tlp, width, row_w, labels, hard_w, chunk)
     cd = checks.compute_dtype(h.dtype)
     scalar = h.new_empty((), dtype=cd)
@@ -336,7 +340,7 @@ def _(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, temperature, beta,
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[3:])
-    ctx.need = inputs[22]
+    ctx.need = inputs[23]
     ctx.backend = inputs[-1]
 
 
@@ -348,7 +352,7 @@ def _backward(ctx, grad_loss, grad_soft, grad_hard, *_):
             return None
         return torch.ops.flashdistill.grad_scale(g, grad_loss.to(checks.compute_dtype(g.dtype)), 1.0, ctx.backend)
 
-    return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 21
+    return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 22
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)

@@ -78,9 +78,11 @@ def token_divergence(student, teacher, kind: str, *, temperature: float = 1.0, b
     if kind == "mixed":
         return lam * _kl(logp, logq) + (1 - lam) * _kl(logq, logp)
     if kind == "taid":
-        lam_t = lam.to(cd) if isinstance(lam, torch.Tensor) else torch.tensor(lam, dtype=cd)
+        lam_t = lam.to(cd) if isinstance(lam, torch.Tensor) else torch.tensor(lam, dtype=cd, device=u.device)
         lam_t = lam_t.reshape(lam_t.shape + (1,) * (u.dim() - lam_t.dim())) if lam_t.dim() else lam_t
-        logp_lam = F.log_softmax(lam_t * v + (1 - lam_t) * u.detach(), -1)
+        ud = u.detach()
+        mix = torch.where(lam_t == 1, v, torch.where(lam_t == 0, ud, lam_t * v + (1 - lam_t) * ud))  # exact ends
+        logp_lam = F.log_softmax(mix, -1)
         return _kl(logp_lam, logq)
     raise ValueError(f"token_divergence: kind={kind!r} is not one of {', '.join(DIVERGENCES)}")
 
@@ -152,7 +154,7 @@ def topk_forward_kl(student, ids, logprobs, *, mode: str = "tail_bucket", temper
 
 
 def token_grad(student, teacher, kind: str, *, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
-               lam: float = 0.5):
+               lam=0.5):
     """d token_divergence / d student logits in closed form (llm_kd.md Sec. 1's table; tests check it
     against autograd of ``token_divergence``), in float32 (float64 for float64 input)."""
     cd = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -187,6 +189,10 @@ def token_grad(student, teacher, kind: str, *, temperature: float = 1.0, beta: f
         g = softmax_jvp(logq - torch.log(m) - alpha * q / m)
     elif kind == "mixed":
         g = lam * (q - p) + (1 - lam) * rkl_grad()
+    elif kind == "taid":  # forward KL to a target that depends on u only through sg(u): q - p_lam
+        lam_t = torch.as_tensor(lam, dtype=cd, device=u.device)
+        mix = torch.where(lam_t == 1, v, torch.where(lam_t == 0, u, lam_t * v + (1 - lam_t) * u))
+        g = q - torch.softmax(mix, -1)
     else:
-        raise ValueError(f"token_grad: kind={kind!r} is not one of {', '.join(DIVERGENCES[:-1])}")
+        raise ValueError(f"token_grad: kind={kind!r} is not one of {', '.join(DIVERGENCES)}")
     return g / T

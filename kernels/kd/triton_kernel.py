@@ -29,7 +29,7 @@ import triton.language as tl
 
 from flashdistill.kernels import triton_utils
 
-FKL, RKL, JSD, JSD_N, TVD, SKEW_F, SKEW_R, MIXED = range(8)
+FKL, RKL, JSD, JSD_N, TVD, SKEW_F, SKEW_R, MIXED, TAID = range(9)
 
 
 @triton.jit
@@ -53,6 +53,15 @@ def _tempered(ptr, offs, lim, T, T_ONE: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _teacher(t_row, offs, t_lim, u, T, lam, T_ONE: tl.constexpr, MIX: tl.constexpr, C: tl.constexpr):
+    """v = t / T, or TAID's lam v + (1 - lam) u when MIX."""
+    _, v = _tempered(t_row, offs, t_lim, T, T_ONE, C)
+    if MIX:  # the endpoints exactly (no 0 * inf from -inf padding)
+        v = tl.where(lam == 0.0, u, tl.where(lam == 1.0, v, lam * v + (1.0 - lam) * u))
+    return v
+
+
+@triton.jit
 def _online(m, s, x):
     """Running (max, sum of exp(x - max)) updated with the tile x."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -68,8 +77,8 @@ def _kd_rows_kernel(
     g_ptr,
     rw_ptr, lab_ptr, hw_ptr,                # [N] row weight, labels (-1: none), hard weight
     soft_ptr, hard_ptr,                     # out [N]: divergence, CE
-    V, T, beta, log_b, log_1b, f_jsd, alpha, log_a, log_1a, lam,
-    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, WRITE_HARD: tl.constexpr,
+    V, T, beta, log_b, log_1b, f_jsd, alpha, log_a, log_1a, lam, lam_ptr,
+    KIND: tl.constexpr, MIX: tl.constexpr, LAM_PTR: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, WRITE_HARD: tl.constexpr,
     T_ONE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -88,6 +97,8 @@ def _kd_rows_kernel(
         hw = tl.zeros([], C)
     hard_grad = (y >= 0) & (hw != 0.0)
     zero_tile = tl.zeros([BLOCK], C)
+    if LAM_PTR:  # TAID's lam from device memory (a tensor the caller schedules: no host sync)
+        lam = tl.load(lam_ptr).to(C)
 
     if (rw == 0.0) & (hard_grad == 0):  # a masked row
         tl.store(soft_ptr + r, tl.zeros([], C))
@@ -106,7 +117,7 @@ def _kd_rows_kernel(
         for i in range(0, V, BLOCK):
             offs = i + ar
             z, u = _tempered(s_row, offs, s_lim, T, T_ONE, C)
-            _, v = _tempered(t_row, offs, t_lim, T, T_ONE, C)
+            v = _teacher(t_row, offs, t_lim, u, T, lam, T_ONE, MIX, C)
             mu, su = _online(mu, su, u)
             mv, sv = _online(mv, sv, v)
             if not T_ONE:
@@ -127,12 +138,12 @@ def _kd_rows_kernel(
         for i in range(0, V, BLOCK):
             offs = i + ar
             _, u = _tempered(s_row, offs, s_lim, T, T_ONE, C)
-            _, v = _tempered(t_row, offs, t_lim, T, T_ONE, C)
+            v = _teacher(t_row, offs, t_lim, u, T, lam, T_ONE, MIX, C)
             lq = u - lse_u
             lp = v - lse_v
             q = tl.exp(lq)
             p = tl.exp(lp)
-            if KIND == FKL:
+            if KIND == FKL or KIND == TAID:
                 acc0 += tl.where(p > 0.0, p * (lp - lq), 0.0)
             elif KIND == RKL:
                 acc0 += tl.where(q > 0.0, q * (lq - lp), 0.0)
@@ -160,7 +171,7 @@ def _kd_rows_kernel(
                 acc1 += tl.where(q > 0.0, q * d, 0.0)
         s0 = tl.sum(acc0, axis=0)
         s1 = tl.sum(acc1, axis=0)
-        if KIND == FKL or KIND == RKL:
+        if KIND == FKL or KIND == RKL or KIND == TAID:
             D = s0
         elif KIND == JSD:
             D = beta * s0 + (1.0 - beta) * s1
@@ -179,12 +190,12 @@ def _kd_rows_kernel(
         for i in range(0, V, BLOCK):
             offs = i + ar
             z, u = _tempered(s_row, offs, s_lim, T, T_ONE, C)
-            _, v = _tempered(t_row, offs, t_lim, T, T_ONE, C)
+            v = _teacher(t_row, offs, t_lim, u, T, lam, T_ONE, MIX, C)
             lq = u - lse_u
             lp = v - lse_v
             q = tl.exp(lq)
             p = tl.exp(lp)
-            if KIND == FKL:
+            if KIND == FKL or KIND == TAID:
                 gs = q - p
             elif KIND == RKL:
                 gs = tl.where(q > 0.0, q * ((lq - lp) - s0), 0.0)
@@ -220,7 +231,8 @@ MAX_BLOCK = 2048  # tuning: elements per tile of a row
 
 def kd_rows(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows, V=None):
     """kd_loss's row kernel into given buffers (the cpu rows_cpu's contract: grad [N, Vs] may be s2
-    itself, s2 [N, Vs] and t2 [N, Vt] unit-stride rows of one dtype, the divergence over V columns)."""
+    itself, s2 [N, Vs] and t2 [N, Vt] unit-stride rows of one dtype, the divergence over V columns).
+    ``lam`` is a float, or for TAID a 0-d tensor on the device (read by the kernel)."""
     import math
 
     N, Vs = s2.shape
@@ -233,6 +245,8 @@ def kd_rows(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft
     elif kind in (JSD, JSD_N) and beta == 1.0:
         kind = RKL
     safe = lambda x: math.log(x) if x > 0 else float("-inf")  # noqa: E731
+    lam_ptr = isinstance(lam, torch.Tensor)
+    lam_f = 0.5 if lam_ptr else float(lam)
     BLOCK = min(MAX_BLOCK, max(128, triton.next_power_of_2(V)))
     dummy = row_w
     with triton_utils.device_guard(s2):
@@ -242,7 +256,7 @@ def kd_rows(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft
             soft_rows, hard_rows if hard_rows is not None else soft_rows,
             V, float(T), float(beta), safe(beta), safe(1.0 - beta),
             (1.0 / beta if kind == JSD_N else 1.0 - beta) if 0.0 < beta < 1.0 else 1.0,
-            float(alpha), safe(alpha), safe(1.0 - alpha), float(lam),
-            KIND=kind, HAS_LABELS=labels is not None, HAS_HARD=hard_w is not None,
+            float(alpha), safe(alpha), safe(1.0 - alpha), lam_f, lam if lam_ptr else dummy,
+            KIND=kind, MIX=kind == TAID and not (lam_f == 1.0 and not lam_ptr), LAM_PTR=lam_ptr, HAS_LABELS=labels is not None, HAS_HARD=hard_w is not None,
             WRITE_HARD=hard_rows is not None, T_ONE=T == 1.0, C=triton_utils.tl_compute(s2.dtype), BLOCK=BLOCK,
             num_warps=8 if BLOCK >= 2048 else 4, enable_fp_fusion=False)

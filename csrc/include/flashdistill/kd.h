@@ -29,6 +29,7 @@ enum KdKind : int64_t {
   kKdSkewForwardKL = 5,
   kKdSkewReverseKL = 6,
   kKdMixed = 7,
+  kKdTAID = 8,  // forward KL to p_lam = softmax(lam v + (1 - lam) sg(u)) (TAID); lam is the lam argument
 };
 
 namespace kdmath {
