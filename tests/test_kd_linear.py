@@ -310,7 +310,7 @@ def _bad(**over):
     (_bad(chunk_size=0), r"chunk_size must be None or an int >= 1"),
     (_bad(labels=torch.tensor([0, 1, 2, 10]), hard_weight=1.0), r"labels\[3\] = 10 is outside \[0, 10\)"),
     (_bad(divergence="kl"), r"fused_linear_kd_loss: divergence='kl' is not one of"),
-    (_bad(backend="cuda"), r"fused_linear_kd_loss: backend 'cuda' is not implemented for this op yet"),
+    (_bad(backend="cuda"), r"fused_linear_kd_loss: backend 'cuda' cannot run on cpu tensors"),
     (_bad(teacher_weight=None, teacher_hidden=None, teacher_ids=torch.tensor([[0, 1]] * 4),
           teacher_logprobs=torch.zeros(4, 2), backend="triton"), r"backend 'triton' is not implemented for this op"),
 ], ids=lambda v: v if isinstance(v, str) else "")

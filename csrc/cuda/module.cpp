@@ -76,6 +76,16 @@ void grad_scale(int64_t dtype, int64_t n, uintptr_t src, uintptr_t dst, uintptr_
                        ptr<CUstream_st>(stream));
 }
 
+void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, int64_t s_width,
+                uintptr_t teacher, int64_t t_stride, int64_t t_width, int64_t kind, double temperature, double beta,
+                double alpha, double lam, uintptr_t lam_ptr, uintptr_t row_weight, uintptr_t labels,
+                uintptr_t hard_weight, uintptr_t grad, uintptr_t soft_rows, uintptr_t hard_rows, uintptr_t stream) {
+  gpu::kd_forward_cuda(dtype, N, V, ptr<const void>(student), s_stride, s_width, ptr<const void>(teacher), t_stride,
+                       t_width, kind, temperature, beta, alpha, lam, ptr<const void>(lam_ptr),
+                       ptr<const void>(row_weight), ptr<const void>(labels), ptr<const void>(hard_weight),
+                       ptr<void>(grad), ptr<void>(soft_rows), ptr<void>(hard_rows), ptr<CUstream_st>(stream));
+}
+
 py::dict build_info() {
   const gpu::BuildInfo b = gpu::build_info();
   py::dict d;
@@ -102,6 +112,13 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("build_info", &build_info, "How this module was compiled: nvcc, CUDA runtime, GPU architectures.");
 
   // ---- ops ----
+  m.def("kd_forward", &kd_forward, release(),
+        "kd_loss row kernel (csrc/cuda/kd.cu): per-row divergence, hard CE and dL/dz.",
+        py::arg("dtype"), py::arg("N"), py::arg("V"), py::arg("student"), py::arg("s_stride"), py::arg("s_width"),
+        py::arg("teacher"), py::arg("t_stride"), py::arg("t_width"), py::arg("kind"), py::arg("temperature"),
+        py::arg("beta"), py::arg("alpha"), py::arg("lam"), py::arg("lam_ptr"), py::arg("row_weight"),
+        py::arg("labels"), py::arg("hard_weight"), py::arg("grad"), py::arg("soft_rows"), py::arg("hard_rows"),
+        py::arg("stream"));
   m.def("score_diff_forward", &score_diff_forward,
         py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
         py::arg("a"), py::arg("a_bs"), py::arg("a_u"), py::arg("a_u_bs"), py::arg("wa_ptr"), py::arg("wa"),

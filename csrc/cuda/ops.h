@@ -101,5 +101,14 @@ void regression_backward_cuda(int64_t dtype, int64_t B, int64_t D,
 void grad_scale_cuda(int64_t dtype, int64_t n, const void* src, void* dst, const void* scale, double factor,
                      CUstream_st* stream);
 
+// ---- logit distillation (kd.cu) -------------------------------------------------------------------
+// kd_loss's row kernel, the CPU kd_forward's contract (csrc/cpu/ops.h) plus lam_ptr: TAID's lam read
+// from device memory when not null (else `lam`). One block per row; no workspace.
+void kd_forward_cuda(int64_t dtype, int64_t N, int64_t V, const void* student, int64_t s_stride, int64_t s_width,
+                     const void* teacher, int64_t t_stride, int64_t t_width, int64_t kind, double temperature,
+                     double beta, double alpha, double lam, const void* lam_ptr, const void* row_weight,
+                     const void* labels, const void* hard_weight, void* grad, void* soft_rows, void* hard_rows,
+                     CUstream_st* stream);
+
 }  // namespace gpu
 }  // namespace flashdistill

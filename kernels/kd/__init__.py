@@ -44,7 +44,7 @@ from flashdistill.kernels.kd import reference
 OP = "kd_loss"
 KINDS = {name: i for i, name in enumerate(("forward_kl", "reverse_kl", "jsd", "jsd_normalized", "tvd",
                                            "skew_forward_kl", "skew_reverse_kl", "mixed", "taid"))}
-IMPLEMENTED = ("reference", "cpu", "triton")
+IMPLEMENTED = ("reference", "cpu", "triton", "cuda")
 
 __all__ = ["kd_loss", "fused_linear_kd_loss", "topk_kd_loss"]
 
@@ -243,37 +243,45 @@ def _reference(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
     return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
 
 
-def _cpu(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
-    N = s2.shape[0]
-    s2, t2 = native.rows(s2), native.rows(t2)
-    cd = checks.compute_dtype(s2.dtype)
-    grad = native.empty(s2.shape, s2.dtype, s2.device)
-    soft_rows = native.empty((N,), cd, s2.device)
-    hard_rows = native.empty((N,), cd, s2.device) if hard_w is not None else None
-    rows_cpu(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows, V)
-    return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
-
-
-def rows_triton(*args, **kw):
+def rows_triton(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows, V=None):
     """rows_cpu's contract, the Triton kernel (triton_kernel.kd_rows)."""
     from flashdistill.kernels.kd import triton_kernel
 
-    triton_kernel.kd_rows(*args, **kw)
+    triton_kernel.kd_rows(s2, t2, kind, T, beta, alpha, lam, row_w.contiguous(), native.contiguous(labels),
+                          native.contiguous(hard_w), grad, soft_rows, hard_rows, V)
 
 
-def _triton(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
-    N = s2.shape[0]
-    s2, t2 = native.rows(s2), native.rows(t2)
-    cd = checks.compute_dtype(s2.dtype)
-    grad = native.empty(s2.shape, s2.dtype, s2.device)
-    soft_rows = native.empty((N,), cd, s2.device)
-    hard_rows = native.empty((N,), cd, s2.device) if hard_w is not None else None
-    rows_triton(s2, t2, kind, T, beta, alpha, lam, row_w.contiguous(), native.contiguous(labels),
-                native.contiguous(hard_w), grad, soft_rows, hard_rows, V)
-    return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+def rows_cuda(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows, V=None):
+    """rows_cpu's contract, the CUDA kernel (csrc/cuda/kd.cu); ``lam`` a float or TAID's 0-d tensor."""
+    mod = native.cuda_module()[0]
+    N, Vs = s2.shape
+    V = Vs if V is None else V
+    assert grad.stride() == (Vs, 1) and t2.dtype == s2.dtype
+    row_w, labels, hard_w = row_w.contiguous(), native.contiguous(labels), native.contiguous(hard_w)
+    lam_t = lam if isinstance(lam, Tensor) else None
+    with torch.cuda.device(s2.device):
+        mod.kd_forward(native.DTYPE_CODES[s2.dtype], N, V, s2.data_ptr(), s2.stride(0), Vs, t2.data_ptr(),
+                       t2.stride(0), t2.shape[1], kind, T, beta, alpha, 0.5 if lam_t is not None else float(lam),
+                       native.ptr(lam_t), row_w.data_ptr(), native.ptr(labels), native.ptr(hard_w), grad.data_ptr(),
+                       soft_rows.data_ptr(), native.ptr(hard_rows), native.stream_of(s2))
 
 
-_IMPLS = {"reference": _reference, "cpu": _cpu, "triton": _triton}
+def _native_rows(rows_fn):
+    """The (loss, soft, hard, grad) backend of kd_loss around a rows_* function."""
+    def run(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
+        N = s2.shape[0]
+        s2, t2 = native.rows(s2), native.rows(t2)
+        cd = checks.compute_dtype(s2.dtype)
+        grad = native.empty(s2.shape, s2.dtype, s2.device)
+        soft_rows = native.empty((N,), cd, s2.device)
+        hard_rows = native.empty((N,), cd, s2.device) if hard_w is not None else None
+        rows_fn(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows, V)
+        return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+    return run
+
+
+_IMPLS = {"reference": _reference, "cpu": _native_rows(rows_cpu), "triton": _native_rows(rows_triton),
+          "cuda": _native_rows(rows_cuda)}
 
 
 def _validate(s2, t2, V, row_w, labels, hard_w):

@@ -42,12 +42,12 @@ import torch
 from torch import Tensor
 
 from flashdistill.kernels import backends, checks, native
-from flashdistill.kernels.kd import (KINDS, VOCAB_MODES, check_options, finish, rows_cpu, rows_reference, rows_triton,
-                                     token_weights)
+from flashdistill.kernels.kd import (KINDS, VOCAB_MODES, check_options, finish, rows_cpu, rows_cuda, rows_reference,
+                                     rows_triton, token_weights)
 from flashdistill.kernels.kd import topk
 
 OP = "fused_linear_kd_loss"
-IMPLEMENTED = ("reference", "cpu", "triton")  # the row kernel's backend; the matmuls are torch's
+IMPLEMENTED = ("reference", "cpu", "triton", "cuda")  # the row kernel's backend; the matmuls are torch's
 WORKSPACE_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 
 # bits of the op's `need` argument: which gradients to compute
@@ -261,7 +261,8 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha,
             in_place, spec = {"cpu": topk.rows_cpu}, topk.rows_reference
         else:
             teacher = (_teacher_chunk(tl, th, tw_c, tb_c, tcap, i, j, direct, tbuf, cd), kind, T, beta, alpha, lam)
-            in_place = {"cpu": partial(rows_cpu, V=width), "triton": partial(rows_triton, V=width)}
+            in_place = {"cpu": partial(rows_cpu, V=width), "triton": partial(rows_triton, V=width),
+                        "cuda": partial(rows_cuda, V=width)}
             spec = partial(rows_reference, V=width)
         if backend in in_place:
             in_place[backend](z, *teacher, *masks, z, soft_rows[i:j], None if hard_rows is None else hard_rows[i:j])
