@@ -4,8 +4,8 @@ Triton and CUDA row kernels follow).
 
     kd_loss(student_logits, teacher_logits, *, divergence="forward_kl", temperature=1.0,
             t_squared=False, beta=0.5, alpha=0.1, lam=0.5, labels=None, ignore_index=-100,
-            hard_weight=0.0, soft_weight=1.0, normalizer=None, vocab="exact", return_parts=False,
-            backend=None)
+            hard_weight=0.0, soft_weight=1.0, normalizer=None, vocab="exact", process_group=None,
+            return_parts=False, backend=None)
 
 Logits are [..., V] (tokens first, vocabulary last), student and teacher of one dtype and device
 and of one shape, except with ``vocab`` (below); argument order is always (student, teacher), and "forward" KL is KL(teacher || student). The
@@ -16,6 +16,10 @@ pass. Tokens whose label is ``ignore_index`` count in neither term. The loss is
 valid tokens or a given tensor (e.g. the global count for gradient accumulation), and 0 with zero
 gradients when every token is masked; no host synchronization. The math and its sources are in
 ``reference.py``.
+
+``process_group``: vocab-parallel logits (tensor parallelism: each rank holds the same tokens and a
+slice of the vocabulary, ranks in order); labels are global ids; every rank gets the loss and the
+gradient of its slice (parallel.py).
 
 Vocabularies of different size (a student whose embedding was padded to a multiple of 64, a teacher
 with extra special tokens): ``vocab="truncate"`` takes the divergence over the first min(Vs, Vt)
@@ -52,8 +56,8 @@ __all__ = ["kd_loss", "fused_linear_kd_loss", "topk_kd_loss"]
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str = "forward_kl",
             temperature: float = 1.0, t_squared: bool = False, beta: float = 0.5, alpha: float = 0.1,
             lam: float = 0.5, labels: Optional[Tensor] = None, ignore_index: int = -100, hard_weight: float = 0.0,
-            soft_weight: float = 1.0, normalizer=None, vocab: str = "exact", return_parts: bool = False,
-            backend: Optional[str] = None):
+            soft_weight: float = 1.0, normalizer=None, vocab: str = "exact", process_group=None,
+            return_parts: bool = False, backend: Optional[str] = None):
     """Distillation loss between student and teacher logits (see the module docstring).
 
     Returns the 0-d loss (float32; float64 for float64 logits), or (loss, soft, hard) with
@@ -61,6 +65,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str =
     """
     s, t = student_logits, teacher_logits
     checks.tensor(OP, "student_logits", s, min_dim=1)
+    if process_group is not None:
+        return _vocab_parallel(s, t, divergence, temperature, t_squared, beta, alpha, lam, labels, ignore_index,
+                               hard_weight, soft_weight, normalizer, vocab, process_group, return_parts, backend)
     V = vocab_width(OP, vocab, s, t, "student_logits", "teacher_logits")
     backend = backends.requested(OP, backend, s.device, IMPLEMENTED)
     check_options(OP, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
@@ -73,6 +80,32 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str =
         (float(lam), None)
     loss, soft, hard, _ = torch.ops.flashdistill.kd_loss(s2, t2, KINDS[divergence], V, float(temperature), float(beta),
                                                       float(alpha), lam_f, lam_t, row_w, hard_labels, hard_w, backend)
+    if return_parts:
+        return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
+    return loss
+
+
+def _vocab_parallel(s, t, divergence, temperature, t_squared, beta, alpha, lam, labels, ignore_index, hard_weight,
+                    soft_weight, normalizer, vocab, group, return_parts, backend):
+    """kd_loss on vocab-sliced logits (parallel.py): the same options; labels are global ids."""
+    from flashdistill.kernels.kd import parallel
+
+    if backend not in (None, "auto", "reference"):
+        raise ValueError(f"{OP}: with process_group the stages run in torch (backend 'reference'); the fused "
+                         f"vocab-parallel row kernels are not implemented yet, got backend={backend!r}")
+    if vocab != "exact":
+        raise ValueError(f"{OP}: vocab={vocab!r} does not combine with process_group (slice both vocabularies alike)")
+    checks.like(OP, "teacher_logits", t, "student_logits", s)
+    check_options(OP, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
+    _, V = parallel.slice_start(s.shape[-1], group)
+    cd = checks.compute_dtype(s.dtype)
+    row_w, hard_w, hard_labels, t2f, n = token_weights(
+        OP, s.shape[:-1], V, s.device, cd, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
+        soft_weight=soft_weight, normalizer=normalizer, temperature=temperature, t_squared=t_squared)
+    lam = lam.reshape(()).to(cd) if isinstance(lam, Tensor) else float(lam)
+    loss, soft, hard = parallel.kd_loss_parallel(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), divergence,
+                                                 float(temperature), float(beta), float(alpha), lam, row_w,
+                                                 hard_labels, hard_w, group)
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
     return loss
