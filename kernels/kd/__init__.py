@@ -355,12 +355,15 @@ def _(s2, t2, kind, V, temperature, beta, alpha, lam, lam_t, row_w, labels, hard
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no [N, V] zero-filled gradient for the grad output (see score_diff)
     ctx.save_for_backward(output[3])
     ctx.backend = inputs[-1]
 
 
 def _backward(ctx, grad_loss, grad_soft, grad_hard, grad_grad):
     (g,) = ctx.saved_tensors
+    if grad_loss is None:  # only soft / hard (detached parts) reached the backward
+        return (None,) * 13
     # only the loss is differentiable (soft and hard are returned detached by kd_loss)
     return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * 12
 

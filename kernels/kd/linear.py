@@ -340,6 +340,7 @@ def _(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, temperature, beta,
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the dh, dW, db outputs (see score_diff)
     ctx.save_for_backward(*output[3:])
     ctx.need = inputs[23]
     ctx.backend = inputs[-1]
@@ -349,7 +350,7 @@ def _backward(ctx, grad_loss, grad_soft, grad_hard, *_):
     gh, gw, gb = ctx.saved_tensors
 
     def scaled(g, bit):
-        if not ctx.need & bit:
+        if not ctx.need & bit or grad_loss is None:
             return None
         return torch.ops.flashdistill.grad_scale(g, grad_loss.to(checks.compute_dtype(g.dtype)), 1.0, ctx.backend)
 

@@ -250,6 +250,9 @@ def _(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, 
 
 
 def _setup_context(ctx, inputs, output):
+    # g is an output only so that the forward can hand it to the backward: no one differentiates it,
+    # and without this autograd would allocate and zero-fill a [B, D] gradient for it every backward
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
     ctx.loss_factor = inputs[15]
     ctx.backend = inputs[-1]
@@ -257,6 +260,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_g):
     (g,) = ctx.saved_tensors
+    if grad_loss is None:  # the loss is not in the graph being differentiated
+        return (None,) * 17
     # dloss/dx = g * grad_loss * loss_factor: one read of g, one write, the factor kept in the compute
     # dtype and read on the device (no host sync).
     grad_x = torch.ops.flashdistill.grad_scale(g, grad_loss, ctx.loss_factor, ctx.backend)
