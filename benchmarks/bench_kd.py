@@ -1,0 +1,596 @@
+"""Logit distillation (KD), forward + backward: eager PyTorch on full logits vs torch.compile vs flashdistill.
+
+One timed run: the loss, then ``loss.backward()``; every input that requires grad (*) is a leaf whose
+``.grad`` is set to None before each run (untimed), so the gradients are allocated inside it. Loss
+options in every case: divergence ``--divergence`` (default forward_kl, any of kd's KINDS),
+temperature 2, labels with 10% of the tokens set to ignore_index (masked out of both terms) and a
+hard-label cross-entropy of weight 0.5 (``--no-labels``: no labels, no masking, no hard term).
+
+Cases (``--cases``; N tokens, H student hidden, Ht teacher hidden (``--teacher-hidden``, default H),
+V vocabulary; a shape NxHxV runs both cases, the logits one at NxV; a shape NxV runs logits only):
+
+    case     op                     inputs
+    linear   fused_linear_kd_loss   student hidden* [N, H], student head* [V, H], teacher hidden
+                                    [N, Ht] and head [V, Ht] (the teacher's logits are computed in
+                                    the step, without grad)
+    logits   kd_loss                student logits* [N, V], teacher logits [N, V]
+
+impls, in the same run and on the same inputs:
+    eager               plain PyTorch on full logits, float32 (the bf16 GEMMs' outputs upcast on
+                        CUDA): linear: z = h W^T, t = h_t W_t^T under no_grad, then
+                        flashdistill.kernels.kd.reference.kd_loss (log_softmax, KL, cross-entropy)
+                        and autograd; logits: that reference.kd_loss alone
+    compile             torch.compile of that same function (inductor, static shapes; compiled
+                        untimed, its compile time in the note column)
+    flashdistill:NAME   fused_linear_kd_loss / kd_loss with backend=NAME for each backend
+                        harness.choose_backends gives (on the CPU: cpu; --backends cpu,reference
+                        adds the chunked loop with the plain-PyTorch rows)
+    liger               CUDA, linear case, when liger_kernel is importable: its fused linear JSD
+                        (beta 0 / 1 / 0.5 for forward_kl / reverse_kl / jsd; it has no hard-label
+                        term, so with labels its loss leaves out the cross-entropy)
+
+Work and traffic (es = element size):
+    linear   flops 2NV(H + Ht) (the two projections) + 4NVH (d/dh and d/dW): four GEMMs of 2NVH
+             when Ht = H, 134 GFLOP each at 2048x1024x32000, 537 GFLOP in all; GEMM-bound, so the
+             table after the run gives GFLOP/s and the % of a measured torch.mm rate. Bytes (the
+             floor column, tiny here): read h, W, h_t, W_t once, write dh and dW once,
+             (2NH + 2VH + NHt + VHt) x es = 418 MB at 2048x1024x32000 fp32.
+    logits   bytes: read both logits, write the gradient, 3 x N x V x es (786 MB at 2048x32000
+             fp32); flops: ~10 per element plus 2-3 exp/log, not the bound on a GPU; the row kernel
+             is exp/log-bound on the CPU.
+
+Peak memory (the note column: "peak N MB beyond inputs", and the table after the run): the most
+memory one forward + backward step holds beyond its inputs, gradients included (each impl allocates
+dW, 131 MB at V x H = 32000 x 1024 fp32). Measured on the second step (the first compiles, or
+initializes). CUDA: max_memory_allocated - memory_allocated before the step. CPU: each impl in a fresh
+spawned process that builds one copy of the inputs, runs a step, frees what it can (grads, gc,
+malloc_trim), reads VmRSS, resets the peak RSS (writing 5 to /proc/self/clear_refs), runs the step
+and reads VmHWM; where the peak cannot be reset it measures the first step (compile included for
+compile) and says so. RSS counts pages touched, so it sees what the step writes, not what it
+reserves.
+
+Prediction, CPU (2 cores of the dev VM, AMD EPYC Zen 4; fp32, 2 threads), written before the first
+run. GEMMs at an assumed 120-160 GFLOP/s (2 cores x 32 fp32 flops per cycle at ~3 GHz, MKL's
+~75-85%); row passes over [N, V] fp32 (262 MB each at 2048x32000) at ~30 GB/s, plus first-touch page
+faults of every fresh [N, V] tensor.
+    linear 2048x1024x32000, forward_kl, hard 0.5:
+        eager    GEMMs 3.4-4.5 s + elementwise log_softmax / KL / CE and their backward 1.7-2 s:
+                 5-6.5 s. Peak: at the KL's where() the forward holds z, t, z/T, t/T, log q,
+                 log p, p, p (log p - log q), zeros_like and the result: ~10 x 262 MB + the bool
+                 mask = ~2.7 GB (the backward, ~4-7 x 262 MB + dW, is lower).
+        compile  GEMMs + ~0.3-0.8 s of fused row kernels: 3.8-5.3 s. Peak: z and t (the GEMM
+                 outputs) + 1-2 saved [N, V] + the gradient + dW: ~0.9-1.4 GB.
+        cpu      GEMMs (on 262-row chunks; dW accumulated 8 times, +2 GB of traffic, ~0.1 s) +
+                 the row kernel ~0.1 s: 3.6-4.8 s, i.e. 0.7-0.8x eager and 0.9-1.05x compile.
+                 Peak: the 64 MiB chunk workspace in the forward; in the backward dW and dh twice
+                 (grad_scale writes a scaled copy of the saved gradient): ~280 MB, ~0.1x eager
+                 (the issue's target: <= 0.25x eager memory, <= 1x eager time).
+    logits 2048x32000, forward_kl, hard 0.5:
+        eager    1.7-2 s; peak ~8 x 262 MB = ~2.1 GB.
+        compile  0.3-0.6 s; peak ~0.8 GB (the gradient + 2 saved [N, V]).
+        cpu      the row kernel ~0.1 s + grad_scale (one pass, 262 MB read + 262 MB written) +
+                 first-touch faults of the two fresh [N, V] buffers: 0.15-0.25 s, 8-12x eager,
+                 ~2x compile; floor 786 MB / ~33 GB/s = 24 ms (exp/log-bound, not memory-bound).
+                 Peak: the gradient written in the forward and its scaled copy, 2 x 262 = 524 MB,
+                 ~0.25x eager.
+
+    python benchmarks/bench_kd.py                    # CPU: fp32, both cases at 2048x1024x32000, ~4-5 min
+    python benchmarks/bench_kd.py --quick --check    # 512x256x8000, < 1 min with a warm inductor cache
+    python benchmarks/bench_kd.py --cases logits --shapes 2048x32000 --divergence jsd --no-labels
+    python benchmarks/bench_kd.py --shapes 512x256x8000 --backends cpu,reference --no-memory
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import gc
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+NAME = "kd"
+CASES = ("linear", "logits")
+SHAPES = {"cpu": [(2048, 1024, 32000)], "cuda": [(8192, 4096, 128256)]}  # the issue's sizes
+QUICK_SHAPES = [(512, 256, 8000)]
+TEMPERATURE = 2.0
+HARD_WEIGHT = 0.5
+IGNORE_FRAC = 0.1
+IGNORE_INDEX = -100
+# Warm-up runs of the linear case unless --warmup says otherwise: a step takes seconds at the default
+# shape and allocates everything afresh, so one run reaches the steady state (compile and the check
+# run before it); 3 would add ~45 s to the default run here.
+LINEAR_WARMUP = 1
+LIGER_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}  # Liger's beta convention = the reference's
+
+# --check budget, per output (the loss and each gradient): |err(impl)| <= 2 x |err(eager in the same
+# dtype)| + FLOOR, errors relative (norms) to eager run in float64 (flash-attention's rule, as
+# bench_dmd and bench_score_losses). The floor is a few roundings of the dtype.
+CHECK_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+MB = 1e6
+
+
+def log(msg: str) -> None:
+    harness.log(f"[{NAME}] {msg}")
+
+
+def import_flashdistill():
+    """Lazily: the harness and --help work without the package; a missing build is one clear message."""
+    try:
+        import flashdistill
+        from flashdistill.kernels.kd import KINDS
+        from flashdistill.kernels.kd import reference
+    except ImportError as e:
+        raise SystemExit(f"bench_kd: cannot import flashdistill ({e}); from the repo root: pip install -e .") from e
+    return flashdistill, reference, KINDS
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One case at one shape; plain values only, so that a memory-measuring child process can rebuild
+    the inputs and impls from it. ``shape``: (N, H, V) for linear, (N, V) for logits."""
+
+    case: str
+    shape: tuple[int, ...]
+    teacher_hidden: int  # Ht (linear only)
+    divergence: str
+    labels: bool
+    dtype: str
+    device: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def es(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def label(self) -> str:
+        dims = "x".join(map(str, self.shape))
+        if self.case == "linear" and self.teacher_hidden != self.shape[1]:
+            dims += f" Ht={self.teacher_hidden}"
+        opts = f"hard={HARD_WEIGHT:g}" if self.labels else "nolabels"
+        return f"{dims} {self.case} {self.divergence} T={TEMPERATURE:g} {opts}"
+
+    @property
+    def grad_names(self) -> tuple[str, ...]:
+        return ("dh", "dW") if self.case == "linear" else ("dz",)
+
+    @property
+    def nbytes(self) -> int:
+        """The floor's traffic: every input read once, every gradient written once (labels left out)."""
+        if self.case == "linear":
+            N, H, V = self.shape
+            Ht = self.teacher_hidden
+            return (2 * N * H + 2 * V * H + N * Ht + V * Ht) * self.es
+        N, V = self.shape
+        return 3 * N * V * self.es
+
+    @property
+    def flops(self) -> int | None:
+        if self.case != "linear":
+            return None
+        N, H, V = self.shape
+        return 2 * N * V * (H + self.teacher_hidden) + 4 * N * V * H
+
+
+def make_inputs(spec: Spec, gen: torch.Generator) -> tuple:
+    """One argument tuple, leaves marked as requiring grad: linear (h, W, h_t, W_t, labels); logits
+    (z, t, labels). Heads scaled by 1/sqrt(hidden) so the logits are ~N(0, 1)."""
+    dev, dt = torch.device(spec.device), spec.torch_dtype
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, device=dev, dtype=torch.float32) * scale).to(dt)
+
+    N, V = spec.shape[0], spec.shape[-1]
+    labels = None
+    if spec.labels:
+        labels = torch.randint(0, V, (N,), generator=gen, device=dev)
+        labels[torch.rand(N, generator=gen, device=dev) < IGNORE_FRAC] = IGNORE_INDEX
+    if spec.case == "linear":
+        H, Ht = spec.shape[1], spec.teacher_hidden
+        return (randn(N, H).requires_grad_(), randn(V, H, scale=H**-0.5).requires_grad_(), randn(N, Ht),
+                randn(V, Ht, scale=Ht**-0.5), labels)
+    return randn(N, V).requires_grad_(), randn(N, V), labels
+
+
+def clone_inputs(args: tuple) -> tuple:
+    return tuple(a if a is None else a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+
+
+def make_impls(spec: Spec, fd, reference, backends: list[str], *, compile: bool, liger: bool) -> dict[str, Callable]:
+    """name -> loss function of the case's argument tuple."""
+    opts = dict(temperature=TEMPERATURE, hard_weight=HARD_WEIGHT if spec.labels else 0.0)
+
+    if spec.case == "linear":
+
+        def eager(h, w, th, tw, labels):
+            z = h @ w.t()
+            with torch.no_grad():
+                t = th @ tw.t()
+            return reference.kd_loss(z, t, kind=spec.divergence, labels=labels, **opts)[0]
+
+        def flashdistill(backend, h, w, th, tw, labels):
+            return fd.fused_linear_kd_loss(h, w, teacher_hidden=th, teacher_weight=tw, divergence=spec.divergence,
+                                           labels=labels, backend=backend, **opts)
+    else:
+
+        def eager(z, t, labels):
+            return reference.kd_loss(z, t, kind=spec.divergence, labels=labels, **opts)[0]
+
+        def flashdistill(backend, z, t, labels):
+            return fd.kd_loss(z, t, divergence=spec.divergence, labels=labels, backend=backend, **opts)
+
+    impls = {"eager": eager}
+    if compile:
+        impls["compile"] = torch.compile(eager, dynamic=False)  # one static graph per shape, like a training run
+    for b in backends:
+        impls[f"flashdistill:{b}"] = functools.partial(flashdistill, b)
+    if liger:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        jsd = LigerFusedLinearJSD(jsd_beta=LIGER_BETA[spec.divergence], ignore_index=IGNORE_INDEX,
+                                  temperature=TEMPERATURE)
+        impls["liger"] = lambda h, w, th, tw, labels: jsd(h, w, th, tw, labels)
+    return impls
+
+
+def liger_applies(spec: Spec) -> str | None:
+    """Why the Liger row is left out of this case, or None when it is timed."""
+    if spec.case != "linear" or torch.device(spec.device).type != "cuda":
+        return "Liger's fused linear JSD is timed on CUDA in the linear case only"
+    if spec.divergence not in LIGER_BETA:
+        return f"Liger's JSD has no {spec.divergence}"
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (not installed, or broken: either way there is no row)
+        return f"liger_kernel is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def make_step(loss_fn: Callable):
+    def step(*args):
+        loss_fn(*args).backward()
+
+    return step
+
+
+def reset_grads(*args):
+    for a in args:
+        if a is not None and a.requires_grad:
+            a.grad = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# --check
+
+
+def loss_and_grads(fn: Callable, args: tuple) -> list[torch.Tensor]:
+    """[loss, grad of each leaf] in float64, on fresh leaves (the inputs are left untouched)."""
+    args = clone_inputs(args)
+    loss = fn(*args)
+    loss.backward()
+    return [loss.detach().double()] + [a.grad.double() for a in args if a is not None and a.requires_grad]
+
+
+def check(bench: harness.Bench, spec: Spec, impls: dict, args: tuple) -> set[str]:
+    """Each impl's loss and gradients against eager in float64, within a budget set by eager's error in
+    the benchmark's dtype. Returns the impls that failed (recorded in ``bench``, not timed)."""
+    a64 = tuple(None if a is None else (a.detach().double().requires_grad_(a.requires_grad)
+                                        if a.is_floating_point() else a) for a in args)
+    ref = loss_and_grads(impls["eager"], a64)
+    del a64
+
+    def errors(outs):
+        return [((o - r).norm() / r.norm().clamp_min(1e-300)).item() for o, r in zip(outs, ref)]
+
+    names = ["loss", *spec.grad_names]
+    e0 = errors(loss_and_grads(impls["eager"], args))
+    budget = [2 * e + CHECK_FLOOR[spec.torch_dtype] for e in e0]
+    log(f"check {spec.label}: eager rel err " + " ".join(f"{n} {e:.1e}" for n, e in zip(names, e0)))
+    failed = set()
+    for name, fn in impls.items():
+        if name == "eager":
+            continue
+        if name == "liger" and spec.labels:
+            log(f"check {spec.label}: liger not checked (no hard-label term: a different loss)")
+            continue
+        try:
+            errs = errors(loss_and_grads(fn, args))
+        except Exception as e:  # noqa: BLE001  (one broken impl must not hide the others)
+            bench.fail(spec.label, name, e, "check")
+            failed.add(name)
+            continue
+        bad = [f"{n} {e:.2e} > {b:.1e}" for n, e, b in zip(names, errs, budget) if not e <= b]  # NaN fails
+        log(f"check {spec.label}: {name:<20} " + " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
+            + (" ok" if not bad else " OVER BUDGET"))
+        if bad:
+            bench.fail(spec.label, name, AssertionError("--check: relative error over budget: " + "; ".join(bad)),
+                       "check")
+            failed.add(name)
+    gc.collect()
+    return failed
+
+
+# ----------------------------------------------------------------------------------------------------
+# Peak memory of one step beyond its inputs
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """VmHWM := VmRSS (Linux >= 4.0); False where that is not possible or did not happen."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmHWM") <= _status_kb("VmRSS") + 4096  # a few MB of slack: RSS moves between reads
+    except OSError:
+        return False
+
+
+def _release_freed() -> None:
+    """Return freed heap to the OS, so that the baseline RSS holds only live memory: glibc keeps freed
+    chunks below its mmap threshold (up to 32 MiB, so the 8 MB [N, H] gradients), and a step reusing
+    them would not raise the RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the baseline may include freed memory, the peak then reads low
+
+
+def _peak_child(conn, spec: Spec, impl: str, threads: int) -> None:
+    """In a spawned process: (peak bytes beyond inputs, whether it is the second step's) through conn."""
+    try:
+        torch.set_num_threads(threads)
+        fd, reference, _ = import_flashdistill()
+        backend = [impl.removeprefix("flashdistill:")] if impl.startswith("flashdistill:") else []
+        fn = make_impls(spec, fd, reference, backend, compile=impl == "compile", liger=False)[impl]
+        step = make_step(fn)
+        args = make_inputs(spec, torch.Generator().manual_seed(0))
+        second = _reset_peak_rss()  # tried before any step: without it, the first step is the one measured
+        if second:
+            step(*args)  # compiles for compile; lazy initialization for the others
+            reset_grads(*args)
+        _release_freed()
+        before = _status_kb("VmRSS")
+        if second and not _reset_peak_rss():
+            raise RuntimeError("the peak RSS could be reset once but not twice")
+        step(*args)
+        conn.send(("ok", (_status_kb("VmHWM") - before) * 1024, second))
+    except BaseException as e:  # noqa: BLE001  (the parent reports it)
+        conn.send(("error", f"{type(e).__name__}: {e}", False))
+    finally:
+        conn.close()
+
+
+def peak_cpu(spec: Spec, impl: str) -> tuple[int, bool]:
+    """(peak RSS bytes of one step beyond the inputs, measured on the second step), in a fresh process:
+    the CPU has no allocator counter and RSS is per process."""
+    ctx = multiprocessing.get_context("spawn")  # fork would inherit this process's pools and tensors
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_peak_child, args=(send, spec, impl, torch.get_num_threads()))
+    p.start()
+    send.close()
+    try:
+        status, value, second = recv.recv()
+    except EOFError:
+        p.join()
+        status, value, second = "error", f"the child process died (exit code {p.exitcode})", False
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"peak memory of {impl}: {value}")
+    return value, second
+
+
+def peak_cuda(step: Callable, args: tuple, device: torch.device) -> int:
+    """Bytes the caching allocator hands out during the second step beyond what was allocated before it."""
+    step(*args)
+    reset_grads(*args)
+    gc.collect()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(*args)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    reset_grads(*args)
+    return peak
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GEMM rate beside the linear case (the harness has floors for bytes only)
+
+
+def mm_rate(spec: Spec) -> tuple[float, float]:
+    """(FLOP/s, other processes' CPU share) of torch.mm [min(N, 1024), H] x [H, min(V, 8192)] in the
+    case's dtype: the matmul speed the linear case is bound by, measured like the bandwidth (the median
+    of 10 runs, ~1 s on the dev VM)."""
+    N, H, V = spec.shape
+    m, n = min(N, 1024), min(V, 8192)
+    dev = torch.device(spec.device)
+    a = torch.randn(m, H, device=dev).to(spec.torch_dtype)
+    b = torch.randn(H, n, device=dev).to(spec.torch_dtype)
+    load = harness.CpuLoad()
+    t = harness.time_fn(lambda: torch.mm(a, b), [()], device=dev, warmup=2, min_reps=10, max_reps=10, budget_s=0.0)
+    return 2 * m * n * H / (t.median_ms * 1e-3), load.others()
+
+
+def memory_table(rows: list[harness.Result], peaks: dict, rates: dict, busy_rates: set, specs: dict) -> str:
+    """impl, median, time and peak memory relative to eager, and GFLOP/s for the linear case."""
+    lines = [f"### {NAME}: time and peak memory vs eager", "",
+             "peak = the most memory one forward + backward step holds beyond its inputs, gradients included; "
+             "issue #4's CPU targets for linear 2048x1024x32000: peak / eager <= 0.25, time / eager <= 1  ", ""]
+    lines += ["| case | impl | median ms | time / eager | peak MB | peak / eager | GFLOP/s | % of mm rate |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    eager = {r.case: r for r in rows if r.impl == "eager"}
+    busy = False
+    for r in rows:
+        spec, e = specs[r.case], eager.get(r.case)
+        peak, peak_e = peaks.get((r.case, r.impl)), peaks.get((r.case, "eager"))
+        flops, rate = spec.flops, rates.get(r.case)
+        mark = "*" if r.other_load_pct > 100 * harness.BUSY_WARN else ""
+        rate_mark = "*" if r.case in busy_rates else ""
+        busy = busy or bool(mark or rate_mark)
+        gflops = flops / (r.median_ms * 1e-3) / 1e9 if flops else None
+        lines.append("| " + " | ".join([
+            r.case, r.impl, harness._fmt(r.median_ms) + mark,
+            harness._fmt(r.median_ms / e.median_ms) if e else "–",
+            harness._fmt(peak / MB) if peak is not None else "–",
+            harness._fmt(peak / peak_e) if peak is not None and peak_e else "–",
+            harness._fmt(gflops) if gflops else "–",
+            harness._fmt(100 * gflops * 1e9 / rate, 2) + "%" + rate_mark if gflops and rate else "–",
+        ]) + " |")  # fmt: skip
+    if rates:
+        lines += ["", "mm rate: " + "; ".join(f"{c.split()[0]} {v / 1e9:.0f} GFLOP/s" + ("*" if c in busy_rates else "")
+                                          for c, v in rates.items())
+                  + " (torch.mm [min(N, 1024), H] x [H, min(V, 8192)], measured in this run)"]
+    if busy:
+        lines += ["", f"\\* other processes used more than {harness.BUSY_WARN:.0%} of the CPUs during this "
+                  "measurement: not reliable"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_specs(shapes, cases, teacher_hidden, divergence, labels, dtype, device) -> list[Spec]:
+    specs = []
+    for shape in shapes:
+        if len(shape) == 3:
+            for_case = {"linear": shape, "logits": (shape[0], shape[2])}
+        elif len(shape) == 2:
+            for_case = {"logits": shape}
+            if "linear" in cases:
+                log(f"{'x'.join(map(str, shape))}: a 2-d shape NxV runs the logits case only")
+        else:
+            raise SystemExit(f"bench_kd: --shapes {'x'.join(map(str, shape))}: give NxHxV (both cases) or NxV (logits)")
+        for case in cases:
+            if case in for_case:
+                ht = teacher_hidden or (shape[1] if case == "linear" else 0)
+                specs.append(Spec(case, tuple(for_case[case]), ht, divergence, labels, harness.dtype_name(dtype),
+                                  str(device)))
+    return specs
+
+
+def main(argv=None) -> int:
+    parser = harness.make_parser(__doc__)
+    parser.add_argument("--cases", default=",".join(CASES), help="comma list of linear, logits (default: both)")
+    parser.add_argument("--shapes", default=None, help="comma list of NxHxV (both cases) or NxV (logits only), "
+                        "e.g. 512x256x8000 (default: 2048x1024x32000 on the CPU, 8192x4096x128256 on CUDA)")
+    parser.add_argument("--teacher-hidden", type=int, default=None, help="the teacher's hidden size Ht (default: H)")
+    parser.add_argument("--divergence", default="forward_kl", help="any of kd's KINDS (default: %(default)s)")
+    parser.add_argument("--no-labels", action="store_true", help="no labels: every token counts, no hard-label term")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (on the CPU, "
+                        "one process per impl running two steps)")
+    parser.add_argument("--check", action="store_true", help="assert every impl's loss and grads match eager first")
+    cfg = harness.parse_config(parser, argv)
+    a = cfg.args
+    fd, reference, kinds = import_flashdistill()
+    if a.divergence not in kinds:
+        parser.error(f"--divergence {a.divergence!r}: choose one of {', '.join(kinds)}")
+    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
+    if unknown := [c for c in cases if c not in CASES]:
+        parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    device, dtype = cfg.device, cfg.dtype_or(cpu=torch.float32, cuda=torch.bfloat16)
+    shapes = harness.parse_shapes(a.shapes) if a.shapes else (QUICK_SHAPES if cfg.quick else SHAPES[device.type])
+    specs = make_specs(shapes, cases, a.teacher_hidden, a.divergence, not a.no_labels, dtype, device)
+    backends = harness.choose_backends(fd, cfg, NAME)
+    bench = harness.Bench(NAME, cfg)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    peaks: dict[tuple[str, str], int] = {}
+    rates: dict[str, float] = {}
+    busy_rates: set[str] = set()  # cases whose mm rate was measured on a busy machine
+    for spec in specs:
+        label = spec.label
+        why_not_liger = liger_applies(spec)
+        if why_not_liger and device.type == "cuda" and spec.case == "linear":
+            log(f"{label}: no liger row: {why_not_liger}")
+        impls = make_impls(spec, fd, reference, backends, compile=cfg.compile, liger=why_not_liger is None)
+        base = make_inputs(spec, gen)
+        copy_bytes = spec.nbytes + (spec.shape[0] * 8 if spec.labels else 0)  # inputs + gradients of one run
+        inputs = bench.make_inputs(functools.partial(clone_inputs, base), copy_bytes)
+        del base
+        extra = f", {spec.flops / 1e9:.0f} GFLOP" if spec.flops else ""
+        log(f"{label} {spec.dtype}: bytes model {spec.nbytes / MB:.0f} MB{extra}; {inputs.plan.why}")
+
+        notes: dict[str, list[str]] = {name: [] for name in impls}
+        if "compile" in impls:  # compile (forward and backward) untimed, on the first copy
+            t0 = time.perf_counter()
+            try:
+                reset_grads(*inputs.first())
+                make_step(impls["compile"])(*inputs.first())
+                harness.synchronize(device)
+                notes["compile"].append(f"compile+first call {time.perf_counter() - t0:.1f} s")
+                log(f"{label}: {notes['compile'][-1]}")
+            except Exception as e:  # noqa: BLE001
+                bench.fail(label, "compile", e)
+                del impls["compile"]
+            reset_grads(*inputs.first())
+        if a.check:
+            for name in check(bench, spec, impls, inputs.first()):
+                del impls[name]
+
+        if not a.no_memory:
+            for name, fn in impls.items():
+                try:
+                    if device.type == "cuda":
+                        peak, second = peak_cuda(make_step(fn), inputs.first(), device), True
+                    else:
+                        peak, second = peak_cpu(spec, name)
+                except Exception as e:  # noqa: BLE001
+                    bench.fail(label, name, e, "memory")
+                    continue
+                peaks[(label, name)] = peak
+                first = " (first step, an upper bound: the peak RSS could not be reset)"
+                notes[name].append(f"peak {peak / MB:.0f} MB beyond inputs" + ("" if second else first))
+                log(f"{label}: {name:<20} {notes[name][-1]}")
+        if spec.flops:
+            rates[label], other = mm_rate(spec)
+            log(f"{label}: torch.mm {rates[label] / 1e9:.0f} GFLOP/s")
+            if other > harness.BUSY_WARN:
+                log(f"warning: other processes used {other:.0%} of the CPUs while measuring the mm rate; "
+                    "the % of mm rate is not reliable")
+                busy_rates.add(label)
+
+        # Bench.time takes its warm-up count from the config only
+        linear_default = spec.case == "linear" and a.warmup is None
+        bench.cfg = dataclasses.replace(cfg, warmup=LINEAR_WARMUP) if linear_default else cfg
+        for name, fn in impls.items():
+            rows = bench.time(case=label, dtype=spec.torch_dtype, impl=name, fn=make_step(fn), inputs=inputs,
+                              nbytes=spec.nbytes, setup=reset_grads, note="; ".join(notes[name]))  # fmt: skip
+            for r in rows:
+                if spec.flops:  # known only now; the row is written at finish()
+                    r.note = "; ".join([*notes[name], f"{spec.flops / (r.median_ms * 1e-3) / 1e9:.0f} GFLOP/s"])
+        del inputs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    bench.finish()
+    print(memory_table(bench.results, peaks, rates, busy_rates, {s.label: s for s in specs}), flush=True)
+    return bench.exit_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
