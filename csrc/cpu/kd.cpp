@@ -134,6 +134,21 @@ template <typename T, typename C> inline void load_part(const T* src, int64_t wi
   for (int64_t k = n; k < m; ++k) dst[k] = -C(__builtin_inf());
 }
 
+// gt[k] += hw (softmax(z) - onehot(y)) for the tile [i, i + m): exp(z - LSE(z)) from the row's
+// untempered values (u_tile when T = 1, else z re-read, -inf past its width), minus hw at the label.
+template <typename T, typename C>
+inline void add_hard_grad(C* __restrict__ gt, int64_t i, int64_t m, const C* u_tile, const T* z, int64_t width,
+                          int64_t y, C hw, C lse_z) {
+  if (u_tile) {
+    for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(u_tile[k] - lse_z);
+  } else {
+    alignas(64) C zt[kTile];
+    load_part(z, width, i, m, zt);
+    for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(zt[k] - lse_z);
+  }
+  if (y >= i && y < i + m) gt[y - i] = gt[y - i] - hw;
+}
+
 template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>::type* scratch, bool nt) {
   using C = typename Compute<T>::type;
   const int64_t V = a.V;
@@ -255,15 +270,7 @@ template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>:
       } else {
         for (int64_t k = 0; k < m; ++k) gt[k] = zero;
       }
-      if (hard_grad) {
-        if (t_one) {
-          for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(U[i + k] - lse_z);
-        } else {
-          load_part(z, Vs, i, m, zt);
-          for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(zt[k] - lse_z);
-        }
-        if (y >= i && y < i + m) gt[y - i] = gt[y - i] - hw;
-      }
+      if (hard_grad) add_hard_grad(gt, i, m, t_one ? U + i : nullptr, z, Vs, y, hw, lse_z);
       const int64_t ms = std::min(m, Vs - i);  // columns past the student's width are not its own
       if (ms > 0) store_tile(gt, ms, g + i, nt);
     }
@@ -599,15 +606,7 @@ template <typename T> int64_t topk_row(const TopkArgs& a, int64_t r, TopkScratch
     } else {
       for (int64_t k = 0; k < m; ++k) gt[k] = zero;
     }
-    if (hard_grad) {
-      if (t_one) {
-        for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(U[i + k] - lse_z);
-      } else {
-        load_tile(z + i, m, zt);
-        for (int64_t k = 0; k < m; ++k) gt[k] = gt[k] + hw * kd_exp(zt[k] - lse_z);
-      }
-      if (y >= i && y < i + m) gt[y - i] = gt[y - i] - hw;
-    }
+    if (hard_grad) add_hard_grad(gt, i, m, t_one ? U + i : nullptr, z, V, y, hw, lse_z);
     store_tile(gt, m, g + i, nt);
   }
   reset();

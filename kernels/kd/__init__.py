@@ -354,21 +354,25 @@ def _(s2, t2, kind, V, temperature, beta, alpha, lam, lam_t, row_w, labels, hard
     return scalar, s2.new_empty((), dtype=cd), s2.new_empty((), dtype=cd), torch.empty_like(s2)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # no [N, V] zero-filled gradient for the grad output (see score_diff)
-    ctx.save_for_backward(output[3])
-    ctx.backend = inputs[-1]
+def register_logits_autograd(op, n_inputs: int) -> None:
+    """The autograd of an op returning (loss, soft, hard, dloss/dlogits) whose first input is the
+    student's logits: the backward scales the gradient computed in the forward by the upstream one
+    (grad_scale); only the loss is differentiable (kd_loss returns soft and hard detached)."""
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # no [N, V] zero-filled gradient for the grad output (see score_diff)
+        ctx.save_for_backward(output[3])
+        ctx.backend = inputs[-1]
+
+    def backward(ctx, grad_loss, grad_soft, grad_hard, grad_grad):
+        (g,) = ctx.saved_tensors
+        if grad_loss is None:  # only soft / hard reached the backward
+            return (None,) * n_inputs
+        return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * (n_inputs - 1)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_loss, grad_soft, grad_hard, grad_grad):
-    (g,) = ctx.saved_tensors
-    if grad_loss is None:  # only soft / hard (detached parts) reached the backward
-        return (None,) * 13
-    # only the loss is differentiable (soft and hard are returned detached by kd_loss)
-    return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * 12
-
-
-_kd_op.register_autograd(_backward, setup_context=_setup_context)
+register_logits_autograd(_kd_op, 13)
 
 
 from flashdistill.kernels.kd.linear import fused_linear_kd_loss  # noqa: E402  (uses the helpers above)

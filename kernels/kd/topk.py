@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from flashdistill.kernels import backends, checks, native
-from flashdistill.kernels.kd import finish, token_weights
+from flashdistill.kernels.kd import finish, register_logits_autograd, token_weights
 from flashdistill.kernels.kd import reference
 
 OP = "topk_kd_loss"
@@ -230,17 +230,4 @@ def _(z, ids, lp, mode, temperature, ratio, row_w, labels, hard_w, backend):
     return z.new_empty((), dtype=cd), z.new_empty((), dtype=cd), z.new_empty((), dtype=cd), torch.empty_like(z)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # no [N, V] zero-filled gradient for the grad output (see score_diff)
-    ctx.save_for_backward(output[3])
-    ctx.backend = inputs[-1]
-
-
-def _backward(ctx, grad_loss, grad_soft, grad_hard, grad_grad):
-    (g,) = ctx.saved_tensors
-    if grad_loss is None:  # only soft / hard (detached parts) reached the backward
-        return (None,) * 10
-    return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * 9
-
-
-_topk_op.register_autograd(_backward, setup_context=_setup_context)
+register_logits_autograd(_topk_op, 10)

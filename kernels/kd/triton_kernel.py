@@ -62,6 +62,17 @@ def _teacher(t_row, offs, t_lim, u, T, lam, T_ONE: tl.constexpr, MIX: tl.constex
 
 
 @triton.jit
+def _log_probs(s_row, t_row, offs, s_lim, t_lim, T, lam, lse_u, lse_v, T_ONE: tl.constexpr, MIX: tl.constexpr,
+               C: tl.constexpr):
+    """(z, log q, log p, q, p) of a tile, given the row's global log-sum-exps (passes B and C)."""
+    z, u = _tempered(s_row, offs, s_lim, T, T_ONE, C)
+    v = _teacher(t_row, offs, t_lim, u, T, lam, T_ONE, MIX, C)
+    lq = u - lse_u
+    lp = v - lse_v
+    return z, lq, lp, tl.exp(lq), tl.exp(lp)
+
+
+@triton.jit
 def _online(m, s, x):
     """Running (max, sum of exp(x - max)) updated with the tile x."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -137,12 +148,7 @@ def _kd_rows_kernel(
         acc1 = zero_tile
         for i in range(0, V, BLOCK):
             offs = i + ar
-            _, u = _tempered(s_row, offs, s_lim, T, T_ONE, C)
-            v = _teacher(t_row, offs, t_lim, u, T, lam, T_ONE, MIX, C)
-            lq = u - lse_u
-            lp = v - lse_v
-            q = tl.exp(lq)
-            p = tl.exp(lp)
+            _, lq, lp, q, p = _log_probs(s_row, t_row, offs, s_lim, t_lim, T, lam, lse_u, lse_v, T_ONE, MIX, C)
             if KIND == FKL or KIND == TAID:
                 acc0 += tl.where(p > 0.0, p * (lp - lq), 0.0)
             elif KIND == RKL:
@@ -189,12 +195,7 @@ def _kd_rows_kernel(
         cs = rw / T
         for i in range(0, V, BLOCK):
             offs = i + ar
-            z, u = _tempered(s_row, offs, s_lim, T, T_ONE, C)
-            v = _teacher(t_row, offs, t_lim, u, T, lam, T_ONE, MIX, C)
-            lq = u - lse_u
-            lp = v - lse_v
-            q = tl.exp(lq)
-            p = tl.exp(lp)
+            z, lq, lp, q, p = _log_probs(s_row, t_row, offs, s_lim, t_lim, T, lam, lse_u, lse_v, T_ONE, MIX, C)
             if KIND == FKL or KIND == TAID:
                 gs = q - p
             elif KIND == RKL:
