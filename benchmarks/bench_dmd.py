@@ -37,10 +37,6 @@ SHAPES = [(16, 4, 64, 64), (64, 16, 64, 64), (8, 16, 16, 64, 64)]
 QUICK_SHAPES = [(16, 4, 64, 64)]
 GUIDANCE = 1.75
 
-# --check budget: |err(impl)| <= 2 x |err(eager reference in the same dtype)| + FLOOR, errors relative to
-# the reference run in float64 (flash-attention's rule). The floor is a few roundings of the dtype.
-CHECK_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
 
 def import_flashdistill():
     """Lazily: the harness and --help work without the package; a missing build is one clear message."""
@@ -76,30 +72,13 @@ def _loss_and_grad(loss_fn, tensors, guidance):
     return loss.detach().double(), x.grad.double()
 
 
-def check(case: str, reference, impls: dict, args: tuple, guidance, dtype: torch.dtype) -> None:
-    """Each impl's loss and gradient against the float64 reference, within a budget set by eager's error."""
-    to64 = tuple(None if t is None else t.detach().double() for t in args)
-    w64 = guidance.double() if isinstance(guidance, torch.Tensor) else guidance
-    l64, g64 = _loss_and_grad(reference, to64, w64)
-
-    def errors(loss, grad):
-        el = ((loss - l64).abs() / l64.abs().clamp_min(1e-300)).item()
-        eg = ((grad - g64).norm() / g64.norm().clamp_min(1e-300)).item()
-        return el, eg
-
-    el0, eg0 = errors(*_loss_and_grad(reference, args, guidance))
-    floor = CHECK_FLOOR[dtype]
-    bl, bg = 2 * el0 + floor, 2 * eg0 + floor
-    harness.log(f"[dmd] check {case}: eager rel err loss {el0:.1e} grad {eg0:.1e}; budget loss {bl:.1e} grad {bg:.1e}")
-    bad = []
-    for name, fn in impls.items():
-        el, eg = errors(*_loss_and_grad(fn, args, guidance))
-        ok = el <= bl and eg <= bg  # NaN fails
-        harness.log(f"[dmd] check {case}: {name:<20} loss {el:.1e} grad {eg:.1e} {'ok' if ok else 'OVER BUDGET'}")
-        if not ok:
-            bad.append(f"{name}: loss rel err {el:.2e} (budget {bl:.1e}), grad rel err {eg:.2e} (budget {bg:.1e})")
-    if bad:
-        raise AssertionError(f"bench_dmd --check {case} {harness.dtype_name(dtype)}:\n  " + "\n  ".join(bad))
+def check(bench: harness.Bench, case: str, impls: dict, args: tuple, guidance, dtype: torch.dtype) -> set[str]:
+    """harness.check_impls on ``args``: each impl's loss and gradient against the float64 reference
+    (eager), within a budget set by eager's error. Returns the impls that failed (recorded in ``bench``,
+    not timed)."""
+    ref64 = _loss_and_grad(impls["eager"], tuple(map(harness.as_float64, args)), harness.as_float64(guidance))
+    return harness.check_impls(bench, case, dtype, impls, lambda fn: _loss_and_grad(fn, args, guidance), ref64,
+                               ["loss", "grad"])
 
 
 def main(argv=None) -> int:
@@ -163,7 +142,8 @@ def main(argv=None) -> int:
                 bench.fail(case, "compile", e)
                 del impls["compile"]
         if a.check:
-            check(case, ref, {k: v for k, v in impls.items() if k != "eager"}, inputs.first(), guidance, dtype)
+            for name in check(bench, case, impls, inputs.first(), guidance, dtype):
+                del impls[name]
 
         for name, loss_fn in impls.items():
             bench.time(case=case, dtype=dtype, impl=name, fn=make_step(loss_fn, guidance), inputs=inputs,

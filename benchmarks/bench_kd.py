@@ -111,11 +111,6 @@ IGNORE_INDEX = -100
 LINEAR_WARMUP = 1
 LIGER_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}  # Liger's beta convention = the reference's
 
-# --check budget, per output (the loss and each gradient): |err(impl)| <= 2 x |err(eager in the same
-# dtype)| + FLOOR, errors relative (norms) to eager run in float64 (flash-attention's rule, as
-# bench_dmd and bench_score_losses). The floor is a few roundings of the dtype.
-CHECK_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
 MB = 1e6
 
 
@@ -289,40 +284,16 @@ def loss_and_grads(fn: Callable, args: tuple) -> list[torch.Tensor]:
 
 
 def check(bench: harness.Bench, spec: Spec, impls: dict, args: tuple) -> set[str]:
-    """Each impl's loss and gradients against eager in float64, within a budget set by eager's error in
-    the benchmark's dtype. Returns the impls that failed (recorded in ``bench``, not timed)."""
-    a64 = tuple(None if a is None else (a.detach().double().requires_grad_(a.requires_grad)
-                                        if a.is_floating_point() else a) for a in args)
-    ref = loss_and_grads(impls["eager"], a64)
-    del a64
+    """harness.check_impls on ``args``: each impl's loss and gradients against eager in float64, within a
+    budget set by eager's error in the benchmark's dtype. Returns the impls that failed (recorded in
+    ``bench``, not timed). Liger is not checked with labels: it has no hard-label term."""
+    ref64 = loss_and_grads(impls["eager"], tuple(map(harness.as_float64, args)))
 
-    def errors(outs):
-        return [((o - r).norm() / r.norm().clamp_min(1e-300)).item() for o, r in zip(outs, ref)]
+    def skip(name: str) -> str | None:
+        return "no hard-label term: a different loss" if name == "liger" and spec.labels else None
 
-    names = ["loss", *spec.grad_names]
-    e0 = errors(loss_and_grads(impls["eager"], args))
-    budget = [2 * e + CHECK_FLOOR[spec.torch_dtype] for e in e0]
-    log(f"check {spec.label}: eager rel err " + " ".join(f"{n} {e:.1e}" for n, e in zip(names, e0)))
-    failed = set()
-    for name, fn in impls.items():
-        if name == "eager":
-            continue
-        if name == "liger" and spec.labels:
-            log(f"check {spec.label}: liger not checked (no hard-label term: a different loss)")
-            continue
-        try:
-            errs = errors(loss_and_grads(fn, args))
-        except Exception as e:  # noqa: BLE001  (one broken impl must not hide the others)
-            bench.fail(spec.label, name, e, "check")
-            failed.add(name)
-            continue
-        bad = [f"{n} {e:.2e} > {b:.1e}" for n, e, b in zip(names, errs, budget) if not e <= b]  # NaN fails
-        log(f"check {spec.label}: {name:<20} " + " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
-            + (" ok" if not bad else " OVER BUDGET"))
-        if bad:
-            bench.fail(spec.label, name, AssertionError("--check: relative error over budget: " + "; ".join(bad)),
-                       "check")
-            failed.add(name)
+    failed = harness.check_impls(bench, spec.label, spec.torch_dtype, impls,
+                                 lambda fn: loss_and_grads(fn, args), ref64, ["loss", *spec.grad_names], skip)
     gc.collect()
     return failed
 
@@ -453,12 +424,12 @@ def memory_table(rows: list[harness.Result], peaks: dict, rates: dict, busy_rate
         busy = busy or bool(mark or rate_mark)
         gflops = flops / (r.median_ms * 1e-3) / 1e9 if flops else None
         lines.append("| " + " | ".join([
-            r.case, r.impl, harness._fmt(r.median_ms) + mark,
-            harness._fmt(r.median_ms / e.median_ms) if e else "–",
-            harness._fmt(peak / MB) if peak is not None else "–",
-            harness._fmt(peak / peak_e) if peak is not None and peak_e else "–",
-            harness._fmt(gflops) if gflops else "–",
-            harness._fmt(100 * gflops * 1e9 / rate, 2) + "%" + rate_mark if gflops and rate else "–",
+            r.case, r.impl, harness.fmt(r.median_ms) + mark,
+            harness.fmt(r.median_ms / e.median_ms) if e else "–",
+            harness.fmt(peak / MB) if peak is not None else "–",
+            harness.fmt(peak / peak_e) if peak is not None and peak_e else "–",
+            harness.fmt(gflops) if gflops else "–",
+            harness.fmt(100 * gflops * 1e9 / rate, 2) + "%" + rate_mark if gflops and rate else "–",
         ]) + " |")  # fmt: skip
     if rates:
         lines += ["", "mm rate: " + "; ".join(f"{c.split()[0]} {v / 1e9:.0f} GFLOP/s" + ("*" if c in busy_rates else "")

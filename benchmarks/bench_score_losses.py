@@ -65,11 +65,6 @@ NAME = "score_losses"
 SHAPES = [(64, 4, 64, 64), (4, 16, 16, 60, 104)]  # SD latent; video latent (e.g. Wan/CogVideoX-like)
 QUICK_SHAPES = [(64, 4, 64, 64)]
 
-# --check budget, per output (the loss and each gradient): |err(impl)| <= 2 x |err(eager in the same
-# dtype)| + FLOOR, errors relative (norms) to the reference run in float64 (flash-attention's rule, as
-# bench_dmd). The floor is a few roundings of the dtype.
-CHECK_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
 
 def log(msg: str) -> None:
     harness.log(f"[{NAME}] {msg}")
@@ -244,46 +239,20 @@ def reset_grads(*args):
         t.grad = None
 
 
-def loss_and_grads(call, fn, case: Case, t: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(loss, [grad per case.grad name]) in float64, on fresh leaves (the inputs are left untouched)."""
+def loss_and_grads(call, fn, case: Case, t: dict) -> list[torch.Tensor]:
+    """[loss, grad per case.grad name] in float64, on fresh leaves (the inputs are left untouched)."""
     t = {k: (v.detach().clone().requires_grad_(k in case.grad) if k in case.full else v) for k, v in t.items()}
     loss = call(fn, t)
     loss.backward()
-    return loss.detach().double(), [t[k].grad.double() for k in case.grad]
+    return [loss.detach().double()] + [t[k].grad.double() for k in case.grad]
 
 
 def check(bench: harness.Bench, label: str, case: Case, impls: dict, t: dict, dtype: torch.dtype) -> set[str]:
-    """Each impl's loss and gradients against the float64 reference, within a budget set by eager's
-    error. Returns the impls that failed (recorded in ``bench``, not timed)."""
-    t64 = {k: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-           for k, v in t.items()}
-    l64, g64 = loss_and_grads(case.call_ref, case.ref, case, t64)
-
-    def rel(a, b):
-        return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-    def errors(loss, grads):
-        return [rel(loss, l64)] + [rel(g, o) for g, o in zip(grads, g64)]
-
-    outs = ["loss"] + [f"d{k}" for k in case.grad]
-    e0 = errors(*loss_and_grads(case.call_ref, case.ref, case, t))
-    budget = [2 * e + CHECK_FLOOR[dtype] for e in e0]
-    log(f"check {label}: eager rel err " + " ".join(f"{o} {e:.1e}" for o, e in zip(outs, e0)))
-    failed = set()
-    for name, (call, fn) in impls.items():
-        try:
-            errs = errors(*loss_and_grads(call, fn, case, t))
-        except Exception as e:  # noqa: BLE001  (one broken impl must not hide the others)
-            bench.fail(label, name, e, "check")
-            failed.add(name)
-            continue
-        bad = [f"{o} {e:.2e} > {b:.1e}" for o, e, b in zip(outs, errs, budget) if not e <= b]  # NaN fails
-        log(f"check {label}: {name:<20} " + " ".join(f"{o} {e:.1e}" for o, e in zip(outs, errs))
-            + (" ok" if not bad else " OVER BUDGET"))
-        if bad:
-            bench.fail(label, name, AssertionError("--check: relative error over budget: " + "; ".join(bad)), "check")
-            failed.add(name)
-    return failed
+    """harness.check_impls on this case's inputs ``t``: each impl's loss and gradients against the float64
+    reference (--check). Returns the impls that failed (recorded in ``bench``, not timed)."""
+    ref64 = loss_and_grads(case.call_ref, case.ref, case, {k: harness.as_float64(v) for k, v in t.items()})
+    return harness.check_impls(bench, label, dtype, impls, lambda impl: loss_and_grads(*impl, case, t), ref64,
+                               ["loss"] + [f"d{k}" for k in case.grad])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,7 +323,7 @@ def main(argv=None) -> int:
             if a.check:
                 first = inputs.first()
                 t = dict(zip(case.full, first[:-1]), **first[-1])
-                for name in check(bench, label, case, {k: v for k, v in impls.items() if k != "eager"}, t, dtype):
+                for name in check(bench, label, case, impls, t, dtype):
                     del impls[name]
 
             for name, (call, fn) in impls.items():

@@ -14,6 +14,8 @@ What it does, and why:
 * **Roofline units.** ``measure_bandwidth`` measures what plain streaming achieves on this device,
   once per process; each result carries ``floor_ms = bytes / bandwidth`` for the op's minimal traffic
   model, the achieved GB/s and its % of the measured bandwidth.
+* **--check.** ``check_impls``: each impl's loss and gradients against eager in float64 before timing,
+  budget 2 x eager's own error + a per-dtype floor (``CHECK_FLOOR``); failures are recorded, not timed.
 * **Results.** One row per (case, impl, timing method) with the environment, appended to ONE CSV
   (``benchmarks/results/results.csv``), and a markdown table printed per benchmark.
 
@@ -562,7 +564,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
+def fmt(v: Any, digits: int = 3) -> str:
+    """``v`` to ``digits`` significant digits (more for large values: never scientific notation); "–" for
+    None or ""."""
     if v is None or v == "":
         return "–"
     v = float(v)
@@ -596,13 +600,13 @@ def markdown_table(rows: Sequence[Result | dict], title: str = "", header_lines:
         mark = "*" if load not in (None, "") and float(load) > 100 * BUSY_WARN else ""
         busy = busy or bool(mark)
         cells += [
-            _fmt(get(r, "median_ms")) + mark,
-            _fmt(get(r, "p10_ms")),
-            _fmt(get(r, "p90_ms")),
-            _fmt(get(r, "floor_ms")),
-            _fmt(get(r, "gbps")),
-            _fmt(pct, 2) + ("%" if pct not in (None, "") else ""),
-            (_fmt(sp) + "x") if sp not in (None, "") else "–",
+            fmt(get(r, "median_ms")) + mark,
+            fmt(get(r, "p10_ms")),
+            fmt(get(r, "p90_ms")),
+            fmt(get(r, "floor_ms")),
+            fmt(get(r, "gbps")),
+            fmt(pct, 2) + ("%" if pct not in (None, "") else ""),
+            (fmt(sp) + "x") if sp not in (None, "") else "–",
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if busy:
@@ -814,8 +818,8 @@ class Bench:
                 cold=cold, device=self.env["device"], threads=self.env["threads"], torch=self.env["torch"],
                 triton=self.env["triton"], python=self.env["python"], other_load_pct=round(100 * other, 1), note=note,
             )  # fmt: skip
-            log(f"[{self.name}] {case} {r.dtype} {impl:<20} {method:<12} median {_fmt(r.median_ms)} ms "
-                f"(p10 {_fmt(r.p10_ms)}, p90 {_fmt(r.p90_ms)}, n={r.reps}) floor {_fmt(r.floor_ms)} ms")  # fmt: skip
+            log(f"[{self.name}] {case} {r.dtype} {impl:<20} {method:<12} median {fmt(r.median_ms)} ms "
+                f"(p10 {fmt(r.p10_ms)}, p90 {fmt(r.p90_ms)}, n={r.reps}) floor {fmt(r.floor_ms)} ms")  # fmt: skip
             self.results.append(r)
             out.append(r)
         return out
@@ -850,6 +854,72 @@ class Bench:
 
     def exit_code(self) -> int:
         return 1 if self.failures else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# --check: every impl's loss and gradients against eager, before timing
+
+# The budget per output (the loss and each gradient): |err(impl)| <= 2 x |err(eager in the bench's
+# dtype)| + FLOOR, errors relative (norms) to eager run in float64 (flash-attention's rule). The floor is a
+# few roundings of the dtype.
+CHECK_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def as_float64(v: Any) -> Any:
+    """A float64 copy of a floating-point tensor (detached, same requires_grad); anything else as is."""
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.detach().double().requires_grad_(v.requires_grad)
+    return v
+
+
+def check_impls(
+    bench: Bench,
+    case: str,
+    dtype: torch.dtype,
+    impls: dict[str, Any],
+    run: Callable[[Any], Sequence[torch.Tensor]],
+    ref64: Sequence[torch.Tensor],
+    outputs: Sequence[str],
+    skip: Callable[[str], str | None] | None = None,
+) -> set[str]:
+    """Check each impl's loss and gradients against eager in float64; returns the impls that failed.
+
+    ``run(impl)``: [loss, *grads] as float64 tensors for ``impl`` on the bench's inputs (fresh leaves;
+    the inputs left untouched). ``impls`` holds "eager" (whose error sets the budget; not checked
+    itself) and the impls to check, in the order logged. ``ref64``: what ``run`` returns for eager on
+    float64 copies of the inputs. ``outputs``: a name per output ("loss", "dx", ...). ``skip(name)``: why
+    that impl is not checked, or None. One log line per impl; an impl over budget or raising is recorded
+    with ``bench.fail(case, name, ..., "check")`` (the caller then leaves it out of the timing).
+    """
+
+    def errors(outs):
+        return [((o - r).norm() / r.norm().clamp_min(1e-300)).item() for o, r in zip(outs, ref64)]
+
+    def say(msg: str) -> None:
+        log(f"[{bench.name}] check {case}: {msg}")
+
+    e0 = errors(run(impls["eager"]))
+    budget = [2 * e + CHECK_FLOOR[dtype] for e in e0]
+    say("eager rel err " + " ".join(f"{o} {e:.1e}" for o, e in zip(outputs, e0)))
+    failed = set()
+    for name, impl in impls.items():
+        if name == "eager":
+            continue
+        if skip is not None and (why := skip(name)) is not None:
+            say(f"{name} not checked ({why})")
+            continue
+        try:
+            errs = errors(run(impl))
+        except Exception as e:  # noqa: BLE001  (one broken impl must not hide the others)
+            bench.fail(case, name, e, "check")
+            failed.add(name)
+            continue
+        bad = [f"{o} {e:.2e} > {b:.1e}" for o, e, b in zip(outputs, errs, budget) if not e <= b]  # NaN fails
+        say(f"{name:<20} " + " ".join(f"{o} {e:.1e}" for o, e in zip(outputs, errs)) + (" ok" if not bad else " OVER BUDGET"))
+        if bad:
+            bench.fail(case, name, AssertionError("--check: relative error over budget: " + "; ".join(bad)), "check")
+            failed.add(name)
+    return failed
 
 
 # ----------------------------------------------------------------------------------------------------
