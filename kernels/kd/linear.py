@@ -13,6 +13,10 @@ own hidden states and head (any hidden size, never differentiated). The loss and
 those of ``kd_loss`` on z (the divergence on tempered logits, the hard-label CE on untempered ones,
 masking, normalizer, T^2, parts). Returns the loss; the backward gives d/dh, d/dW and d/db.
 
+Masked tokens (labels == ignore_index: prompt, padding) are dropped before the GEMMs when
+``pack_valid`` (default on the CPU; on a GPU it costs a host sync, so it is opt-in), so they cost
+nothing.
+
 Memory: the tokens go through in chunks of ``chunk_size`` rows; per chunk the student logits (which
 the row kernel overwrites with their gradient) and the teacher logits live in the compute dtype, so
 the workspace is chunk x V x 4 bytes x (2, 3 with soft-capping), whatever the number of tokens; the
@@ -65,8 +69,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
                          beta: float = 0.5, alpha: float = 0.1, lam: float = 0.5, labels: Optional[Tensor] = None,
                          ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
                          normalizer=None, softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
-                         chunk_size: Optional[int] = None, return_parts: bool = False,
-                         backend: Optional[str] = None):
+                         chunk_size: Optional[int] = None, pack_valid: Optional[bool] = None,
+                         return_parts: bool = False, backend: Optional[str] = None):
     """Distillation loss of a linear head's logits against a teacher (see the module docstring).
 
     student_hidden [..., H], student_weight [V, H], student_bias [V]; the teacher as one of
@@ -160,6 +164,16 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
         OP, tokens, min(V, width), h.device, cd, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
         soft_weight=soft_weight, normalizer=normalizer, temperature=temperature, t_squared=t_squared)
     h2 = h.reshape(-1, H)
+    if pack_valid is None:
+        pack_valid = not h.is_cuda  # finding the valid rows is free on the CPU, a host sync on a GPU
+    if pack_valid and labels is not None:
+        # masked tokens (prompt, padding) cost nothing: only the rows with a weight go through the
+        # GEMMs and the row kernel; autograd scatters dh back (zeros for the masked rows)
+        keep = ((row_w != 0) if hard_w is None else ((row_w != 0) | (hard_w != 0))).nonzero().squeeze(-1)
+        if 0 < keep.numel() < h2.shape[0]:  # (all masked: the kernels' masked-row path gives the zeros)
+            pick = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
+            h2, row_w, hard_w, hard_labels = pick(h2), pick(row_w), pick(hard_w), pick(hard_labels)
+            tl, th, tids, tlp = pick(tl), pick(th), pick(tids), pick(tlp)
     N = h2.shape[0]
     if chunk_size is None:
         n_buf = 1 + (tids is None and not _teacher_in_place(tl, cd, teacher_softcap)) + (softcap is not None)
