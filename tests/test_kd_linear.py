@@ -333,3 +333,20 @@ def _bad(**over):
 def test_bad_input(call, match):
     with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
         call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_gpu(backend, dtype, teacher):
+    """On CUDA tensors: the 16-bit head takes the out_dtype GEMM path (linear._Head), float32 the
+    widened one; both against the float64 spec."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    d = make(300, 64, 5003, dtype, seed=16, teacher=teacher)
+    d = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    labels = torch.randint(0, 5003, (300,), generator=torch.Generator().manual_seed(6))
+    labels[::7] = -100
+    check(backend, d, divergence="jsd", temperature=2.0, labels=labels.cuda(), hard_weight=0.3, chunk_size=128,
+          softcap=30.0)

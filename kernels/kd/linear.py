@@ -31,9 +31,11 @@ in the compute dtype across chunks, then rounded once. The matmuls are torch's (
 row kernel is the backend's.
 
 Precision: logits, their log-sum-exps and the gradient in float32 (float64 for float64 inputs)
-whatever the input dtype: a 16-bit head is widened to float32 once per call (V x H x 4 bytes of
-workspace) rather than rounding the logits to 16 bits (the bf16-GEMM-then-cast loss of precision the
-research notes warn about, llm_kd.md Sec. 2.1).
+whatever the input dtype; the logits are never rounded to 16 bits (the bf16-GEMM-then-cast loss of
+precision the research notes warn about, llm_kd.md Sec. 2.1). A 16-bit head on CUDA multiplies in
+16 bits with a float32 output (torch.mm's out_dtype; the gradient GEMMs take the logit gradient
+rounded to the head's dtype, dW accumulates in float32); where that is not available (the CPU) the
+head is widened to float32 once per call (V x H x 4 bytes of workspace). See _Head.
 """
 
 from __future__ import annotations
@@ -224,7 +226,69 @@ def _capped(z, cap, keep):
     return keep
 
 
-def _teacher_chunk(tl, th, tw_c, tb_c, tcap, i, j, direct, tbuf, cd):
+_OUT_DTYPE_OK: dict = {}
+
+
+def _out_dtype_gemm(device) -> bool:
+    """Whether torch multiplies 16-bit matrices into a float32 output here (torch.mm(..., out_dtype=):
+    CUDA in recent torch; cuBLAS accumulates in float32 anyway, so the logits lose nothing)."""
+    key = str(device)
+    if key not in _OUT_DTYPE_OK:
+        try:
+            a = torch.ones((2, 2), dtype=torch.bfloat16, device=device)
+            _OUT_DTYPE_OK[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_OK[key] = False
+    return _OUT_DTYPE_OK[key]
+
+
+class _Head:
+    """A linear head W [V, H] (+ b) and its three GEMMs per chunk, logits in the compute dtype.
+
+    A 16-bit head on a device with out_dtype GEMMs stays 16-bit: logits = x W^T with a float32 output,
+    dh = g W and dW += g^T x with g rounded to the head's dtype once per chunk (dW accumulated in
+    float32). Elsewhere (CPU, float32 / float64 heads, older torch) the head is widened to the compute
+    dtype once per call and every GEMM runs in it."""
+
+    def __init__(self, w, b, cd):
+        self.cd = cd
+        self.lowp = w.dtype in (torch.float16, torch.bfloat16) and w.is_cuda and _out_dtype_gemm(w.device)
+        self.w = w if self.lowp else _widen(w, cd)
+        self.b = _widen(b, cd)
+
+    def operand(self, x):
+        """x as the GEMMs take it (16-bit kept on the low-precision path, else widened)."""
+        return x if self.lowp else _widen(x, self.cd)
+
+    def project(self, x, out):
+        """out = x W^T (+ b), x from operand()."""
+        kw = {"out_dtype": self.cd} if self.lowp else {}
+        if self.b is None:
+            torch.mm(x, self.w.t(), out=out, **kw)
+        else:
+            torch.addmm(self.b, x, self.w.t(), out=out, **kw)
+        return out
+
+    def grad_operand(self, g):
+        """The chunk's logit gradient as the backward GEMMs take it."""
+        return g.to(self.w.dtype) if self.lowp else g
+
+    def grad_input(self, gq, out):
+        """out = g W (in out's dtype)."""
+        if out.dtype == gq.dtype:
+            torch.mm(gq, self.w, out=out)
+        else:
+            out.copy_(torch.mm(gq, self.w))
+
+    def grad_weight(self, acc, gq, x):
+        """acc += g^T x (acc in the compute dtype)."""
+        if self.lowp:
+            torch.addmm(acc, gq.t(), x, out_dtype=self.cd, out=acc)
+        else:
+            acc.addmm_(gq.t(), x)
+
+
+def _teacher_chunk(tl, th, thead, tcap, i, j, direct, tbuf):
     """The teacher's logits of tokens [i, j) in the compute dtype: a view of the given logits, or a
     copy / projection into the chunk buffer (soft-capped when asked)."""
     if direct:
@@ -232,10 +296,8 @@ def _teacher_chunk(tl, th, tw_c, tb_c, tcap, i, j, direct, tbuf, cd):
     t = tbuf[:j - i]
     if tl is not None:
         t.copy_(tl[i:j])
-    elif tb_c is None:
-        torch.mm(_widen(th[i:j], cd), tw_c.t(), out=t)
     else:
-        torch.addmm(tb_c, _widen(th[i:j], cd), tw_c.t(), out=t)
+        thead.project(thead.operand(th[i:j]), t)
     if tcap:
         t.div_(tcap).tanh_().mul_(tcap)
     return t
@@ -247,8 +309,8 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha,
     V = w.shape[0]
     cd = checks.compute_dtype(h.dtype)
     dev = h.device
-    w_c, b_c = _widen(w, cd), _widen(b, cd)
-    tw_c, tb_c = _widen(tw, cd), _widen(tb, cd)
+    head = _Head(w, b, cd)
+    thead = _Head(tw, tb, cd) if tw is not None else None
     soft_rows = native.empty((N,), cd, dev)
     hard_rows = native.empty((N,), cd, dev) if hard_w is not None else None
     grad_h = torch.empty((N, H), dtype=h.dtype, device=dev) if need & NEED_H else h.new_empty(0)
@@ -262,19 +324,15 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha,
     for i in range(0, N, chunk):
         j = min(N, i + chunk)
         c = j - i
-        hc = _widen(h[i:j], cd)
-        z = zbuf[:c]
-        if b_c is None:
-            torch.mm(hc, w_c.t(), out=z)
-        else:
-            torch.addmm(b_c, hc, w_c.t(), out=z)
+        hc = head.operand(h[i:j])
+        z = head.project(hc, zbuf[:c])
         th_cap = _capped(z, cap, kbuf[:c]) if cap else None
         masks = (row_w[i:j], None if labels is None else labels[i:j], None if hard_w is None else hard_w[i:j])
         if tids is not None:
             teacher = (tids[i:j], tlp[i:j], kind, T, ratio)
             in_place, spec = {"cpu": topk.rows_cpu}, topk.rows_reference
         else:
-            teacher = (_teacher_chunk(tl, th, tw_c, tb_c, tcap, i, j, direct, tbuf, cd), kind, T, beta, alpha, lam)
+            teacher = (_teacher_chunk(tl, th, thead, tcap, i, j, direct, tbuf), kind, T, beta, alpha, lam)
             in_place = {"cpu": partial(rows_cpu, V=width), "triton": partial(rows_triton, V=width),
                         "cuda": partial(rows_cuda, V=width)}
             spec = partial(rows_reference, V=width)
@@ -288,13 +346,11 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha,
                 hard_rows[i:j] = h_r
         if cap:  # d cap tanh(x / cap) / dx = 1 - tanh^2
             g = g.mul_(th_cap.square_().neg_().add_(1.0))
+        gq = head.grad_operand(g) if need & (NEED_H | NEED_W) else None
         if need & NEED_H:
-            if grad_h.dtype == cd:
-                torch.mm(g, w_c, out=grad_h[i:j])
-            else:
-                grad_h[i:j] = torch.mm(g, w_c)
+            head.grad_input(gq, grad_h[i:j])
         if grad_w is not None:
-            grad_w.addmm_(g.t(), hc)
+            head.grad_weight(grad_w, gq, hc)
         if grad_b is not None:
             grad_b += g.sum(0)
     loss, soft, hard = finish(soft_rows, hard_rows, row_w, hard_w)
