@@ -158,3 +158,16 @@ def _bad(**over):
 def test_bad_input(call, match):
     with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
         call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu(backend, mode):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    z, ids, lp = make(41, 32003, 64, torch.bfloat16, seed=31)
+    labels = torch.randint(0, 32003, (41,), generator=torch.Generator().manual_seed(7))
+    labels[::5] = -100
+    check(backend, z.cuda(), ids.cuda(), lp.cuda(), mode=mode, temperature=1.5, gen_temperature=0.8,
+          labels=labels.cuda(), hard_weight=0.3)

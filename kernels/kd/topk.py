@@ -37,7 +37,7 @@ from flashdistill.kernels.kd import finish, register_logits_autograd, token_weig
 from flashdistill.kernels.kd import reference
 
 OP = "topk_kd_loss"
-IMPLEMENTED = ("reference", "cpu")
+IMPLEMENTED = ("reference", "cpu", "triton")
 MODES = {name: i for i, name in enumerate(reference.TOPK_MODES)}  # renorm_teacher, renorm_both, tail_bucket
 
 __all__ = ["topk_kd_loss"]
@@ -180,6 +180,14 @@ def rows_cpu(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows,
                         grad.data_ptr(), soft_rows.data_ptr(), native.ptr(hard_rows))
 
 
+def rows_triton(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows, hard_rows):
+    """rows_cpu's contract, the Triton kernel (triton_kernel.topk_rows)."""
+    from flashdistill.kernels.kd import triton_kernel
+
+    triton_kernel.topk_rows(z, ids.contiguous(), lp.contiguous(), mode, T, ratio, row_w.contiguous(),
+                            native.contiguous(labels), native.contiguous(hard_w), grad, soft_rows, hard_rows)
+
+
 def _reference(z, ids, lp, mode, T, ratio, row_w, labels, hard_w):
     soft_rows, hard_rows, grad = rows_reference(z, ids, lp, mode, T, ratio, row_w, labels, hard_w)
     return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
@@ -199,7 +207,18 @@ def _cpu(z, ids, lp, mode, T, ratio, row_w, labels, hard_w):
     return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
 
 
-_IMPLS = {"reference": _reference, "cpu": _cpu}
+def _triton(z, ids, lp, mode, T, ratio, row_w, labels, hard_w):
+    N = z.shape[0]
+    z = native.rows(z)
+    cd = checks.compute_dtype(z.dtype)
+    grad = native.empty(z.shape, z.dtype, z.device)
+    soft_rows = native.empty((N,), cd, z.device)
+    hard_rows = native.empty((N,), cd, z.device) if hard_w is not None else None
+    rows_triton(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows, hard_rows)
+    return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+
+
+_IMPLS = {"reference": _reference, "cpu": _cpu, "triton": _triton}
 
 
 def _validate(z, ids, lp, row_w, labels, hard_w):

@@ -261,3 +261,153 @@ def kd_rows(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft
             KIND=kind, MIX=kind == TAID and not (lam_f == 1.0 and not lam_ptr), LAM_PTR=lam_ptr, HAS_LABELS=labels is not None, HAS_HARD=hard_w is not None,
             WRITE_HARD=hard_rows is not None, T_ONE=T == 1.0, C=triton_utils.tl_compute(s2.dtype), BLOCK=BLOCK,
             num_warps=8 if BLOCK >= 2048 else 4, enable_fp_fusion=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# topk_kd_loss: forward KL to a stored top-k teacher (the cpu twin: kd.cpp "top-k teacher")
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _members(ids, i0, BLOCK: tl.constexpr):
+    """Which positions of the tile [i0, i0 + BLOCK) are among the row's ids (a [KB] vector, -1 where
+    absent): a histogram of the ids' offsets in the tile, in registers (no scratch, O(K + BLOCK))."""
+    rel = ids - i0
+    inside = (rel >= 0) & (rel < BLOCK)
+    h = tl.histogram(tl.where(inside, rel, 0).to(tl.int32), BLOCK)
+    outside = tl.sum((inside == 0).to(tl.int32), axis=0)
+    return (h - tl.where(tl.arange(0, BLOCK) == 0, outside, 0)) > 0
+
+
+@triton.jit
+def _topk_rows_kernel(
+    s_ptr, s_stride, g_ptr, ids_ptr, lp_ptr,        # student [N, V] (grad [N, V] may alias it); [N, K] teacher
+    rw_ptr, lab_ptr, hw_ptr, soft_ptr, hard_ptr,
+    V, K, T, ratio,
+    MODE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, WRITE_HARD: tl.constexpr,
+    T_ONE: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr,
+):
+    """One program per row. Passes: A the student's LSE, its tail LSE (off the ids, summed over the
+    complement: no cancellation) and the untempered LSE for the hard CE; then the teacher's K terms in
+    registers; C the gradient off the ids (dense, one write), then the K on-id values scattered. The
+    K student logits on the ids are read once, before any write, so grad may alias the logits.
+    Traffic per row: 2 reads of V (A, C) + 1 write of V, + K ids and log-probs."""
+    r = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + r * s_stride
+    g_row = g_ptr + r * V
+    ar = tl.arange(0, BLOCK)
+    kk = tl.arange(0, KB)
+    kin = kk < K
+    ids = tl.load(ids_ptr + r * K + kk, mask=kin, other=-1)
+    lp = tl.load(lp_ptr + r * K + kk, mask=kin, other=float("-inf")).to(C)
+    rw = tl.load(rw_ptr + r).to(C)
+    if HAS_LABELS:
+        y = tl.load(lab_ptr + r)
+    else:
+        y = -1
+    if HAS_HARD:
+        hw = tl.load(hw_ptr + r).to(C)
+    else:
+        hw = tl.zeros([], C)
+    hard_grad = (y >= 0) & (hw != 0.0)
+    zero_tile = tl.zeros([BLOCK], C)
+    NEG = float("-inf")
+
+    if (rw == 0.0) & (hard_grad == 0):
+        tl.store(soft_ptr + r, tl.zeros([], C))
+        if WRITE_HARD:
+            tl.store(hard_ptr + r, tl.zeros([], C))
+        for i in range(0, V, BLOCK):
+            triton_utils.store_rounded(g_row + i + ar, zero_tile, i + ar < V)
+    else:
+        zS, uS = _tempered(s_row, tl.maximum(ids, 0), tl.where(kin, V, 0), T, T_ONE, C)
+        # ---- A ----
+        mu = tl.full([], NEG, C)
+        su = tl.zeros([], C)
+        mt = tl.full([], NEG, C)
+        st = tl.zeros([], C)
+        mz = tl.full([], NEG, C)
+        sz = tl.zeros([], C)
+        for i in range(0, V, BLOCK):
+            offs = i + ar
+            z, u = _tempered(s_row, offs, V, T, T_ONE, C)
+            mu, su = _online(mu, su, u)
+            mt, st = _online(mt, st, tl.where(_members(ids, i, BLOCK), NEG, u))
+            if not T_ONE:
+                mz, sz = _online(mz, sz, z)
+        lse_u = mu + tl.log(su)
+        log_tail = tl.where(st > 0.0, mt + tl.log(st), NEG)  # log sum over the complement of exp(u)
+        if T_ONE:
+            lse_z = lse_u
+        else:
+            lse_z = mz + tl.log(sz)
+        if WRITE_HARD:
+            zy = tl.load(s_row + tl.maximum(y, 0)).to(C)
+            tl.store(hard_ptr + r, tl.where(y >= 0, lse_z - zy, 0.0))
+        # ---- the teacher and the soft term, in registers ----
+        PS = tl.sum(tl.where(kin, tl.exp(lp), 0.0), axis=0)
+        ltp = tl.where(PS < 1.0, tl.log(1.0 - PS), NEG) * ratio  # the stored tail mass, re-tempered
+        lpr = lp * ratio
+        if MODE == 2:
+            lmax = tl.maximum(tl.max(lpr, axis=0), ltp)
+            zsum = tl.sum(tl.exp(lpr - lmax), axis=0) + tl.where(ltp > NEG, tl.exp(ltp - lmax), 0.0)
+        else:
+            lmax = tl.max(lpr, axis=0)
+            zsum = tl.sum(tl.exp(lpr - lmax), axis=0)
+        lZ = lmax + tl.log(zsum)
+        pk = tl.where(kin, tl.exp(lpr - lZ), 0.0)
+        mS = tl.max(tl.where(kin, uS, NEG), axis=0)
+        lse_S = mS + tl.log(tl.sum(tl.where(kin, tl.exp(uS - mS), 0.0), axis=0))
+        if MODE == 1:
+            lqS = uS - lse_S
+        else:
+            lqS = uS - lse_u
+        D = tl.sum(tl.where(pk > 0.0, pk * ((lpr - lZ) - lqS), 0.0), axis=0)
+        p_tail = tl.zeros([], C)
+        if MODE == 2:
+            p_tail = tl.where(ltp > NEG, tl.exp(ltp - lZ), 0.0)
+            D += tl.where(p_tail > 0.0, p_tail * ((ltp - lZ) - (log_tail - lse_u)), 0.0)
+        tl.store(soft_ptr + r, D)
+        # ---- C: off the ids (dense), then on them (scattered) ----
+        if MODE == 0:
+            c_off = tl.full([], 1.0, C)
+        elif MODE == 1:
+            c_off = tl.zeros([], C)
+        else:  # P_S - p_tail Q_S / q_tail, Q_S / q_tail = exp(LSE_S - log tail)
+            c_off = tl.sum(pk, axis=0) - tl.where(log_tail > NEG, p_tail * tl.exp(lse_S - log_tail), 0.0)
+        cs = rw / T
+        for i in range(0, V, BLOCK):
+            offs = i + ar
+            z, u = _tempered(s_row, offs, V, T, T_ONE, C)
+            g = tl.where(rw != 0.0, cs * (c_off * tl.exp(u - lse_u)), 0.0)
+            if HAS_HARD:
+                g = g + tl.where(hard_grad, hw * (tl.exp(z - lse_z) - (offs == y).to(C)), 0.0)
+            triton_utils.store_rounded(g_row + offs, g, (offs < V) & (_members(ids, i, BLOCK) == 0))
+        if MODE == 1:
+            gS = tl.exp(lqS) - pk
+        else:
+            gS = tl.exp(uS - lse_u) - pk
+        gS = tl.where(rw != 0.0, cs * gS, 0.0)
+        if HAS_HARD:
+            gS = gS + tl.where(hard_grad, hw * (tl.exp(zS - lse_z) - (ids == y).to(C)), 0.0)
+        triton_utils.store_rounded(g_row + tl.maximum(ids, 0), gS, kin)
+
+
+def topk_rows(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows, hard_rows):
+    """topk_kd_loss's row kernel into given buffers (the cpu topk.rows_cpu's contract; grad [N, V]
+    may be z itself). ids [N, K] int64 distinct in [0, V) (checked by the caller), lp [N, K] of the
+    compute dtype."""
+    N, V = z.shape
+    K = ids.shape[1]
+    if N == 0:
+        return
+    BLOCK = min(MAX_BLOCK, max(128, triton.next_power_of_2(V)))
+    KB = max(16, triton.next_power_of_2(K))
+    dummy = row_w
+    with triton_utils.device_guard(z):
+        _topk_rows_kernel[(N,)](
+            z, z.stride(0), grad, ids, lp, row_w, labels if labels is not None else dummy,
+            hard_w if hard_w is not None else dummy, soft_rows, hard_rows if hard_rows is not None else soft_rows,
+            V, K, float(T), float(ratio),
+            MODE=mode, HAS_LABELS=labels is not None, HAS_HARD=hard_w is not None, WRITE_HARD=hard_rows is not None,
+            T_ONE=T == 1.0, C=triton_utils.tl_compute(z.dtype), BLOCK=BLOCK, KB=KB,
+            num_warps=8 if BLOCK >= 2048 else 4, enable_fp_fusion=False)
