@@ -153,7 +153,7 @@ def _bad(**over):
     (_bad(mode="tail"), r"mode='tail' is not one of renorm_teacher, renorm_both, tail_bucket"),
     (_bad(gen_temperature=0.0), r"temperature and gen_temperature must be > 0"),
     (_bad(hard_weight=1.0), r"topk_kd_loss: hard_weight=1.0 needs labels"),
-    (_bad(backend="cuda"), r"topk_kd_loss: backend 'cuda'"),
+    (_bad(backend="cuda"), r"topk_kd_loss: backend 'cuda' cannot run on cpu tensors"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input(call, match):
     with pytest.raises((ValueError, RuntimeError, TypeError), match=match):
@@ -161,7 +161,7 @@ def test_bad_input(call, match):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu(backend, mode):
     if not torch.cuda.is_available():

@@ -246,6 +246,148 @@ void launch(const KdArgs& a, cudaStream_t stream) {
   }
 }
 
+
+// ---- top-k teacher (topk_kd_forward_cuda; the CPU twin is kd.cpp "top-k teacher") ----------------
+// One block per row. The row's ids go into a shared-memory bitmap (V bits), so membership is one
+// bit test: the tail LSE is summed over the complement (no cancellation), the dense gradient pass
+// skips the ids, and their K values are written from the block's registers afterwards. Passes: A
+// (LSEs of u, of u off the ids, of z for the hard CE), the K teacher terms (thread-strided over K,
+// block sums), C (dense gradient off the ids), then the K on-id values. Traffic per row: 2 reads of
+// V + 1 write of V + the K ids and log-probs. grad may alias the student logits (each on-id logit is
+// re-read before its own write; off-id elements are read and written by the same thread in C).
+
+struct TopkArgs {
+  int64_t N, V, s_stride, K, mode;
+  double T, ratio;
+  const void *student, *ids, *logprobs, *row_weight, *labels, *hard_weight;
+  void *grad, *soft_rows, *hard_rows;
+};
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads) topk_rows_kernel(TopkArgs a) {
+  using C = typename Compute<T>::type;
+  extern __shared__ uint32_t member[];  // ceil(V / 32) words
+  const int64_t r = blockIdx.x, V = a.V, K = a.K;
+  const T* z_row = reinterpret_cast<const T*>(a.student) + r * a.s_stride;
+  T* g_row = reinterpret_cast<T*>(a.grad) + r * V;
+  const int64_t* ids = reinterpret_cast<const int64_t*>(a.ids) + r * K;
+  const C* lp = reinterpret_cast<const C*>(a.logprobs) + r * K;
+  C* soft_rows = reinterpret_cast<C*>(a.soft_rows);
+  C* hard_rows = reinterpret_cast<C*>(a.hard_rows);
+  const C rw = reinterpret_cast<const C*>(a.row_weight)[r];
+  const int64_t y = a.labels ? reinterpret_cast<const int64_t*>(a.labels)[r] : int64_t(-1);
+  const C hw = a.hard_weight ? reinterpret_cast<const C*>(a.hard_weight)[r] : C(0);
+  const bool hard_grad = y >= 0 && hw != C(0);
+  const C Tc = C(a.T), ratio = C(a.ratio);
+  const bool t_one = a.T == 1.0;
+
+  if (rw == C(0) && !hard_grad) {  // a masked row
+    if (threadIdx.x == 0) {
+      soft_rows[r] = C(0);
+      if (hard_rows) hard_rows[r] = C(0);
+    }
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g_row[i] = FromC<T>::cvt(C(0));
+    return;
+  }
+  const int64_t words = (V + 31) / 32;
+  for (int64_t w = threadIdx.x; w < words; w += blockDim.x) member[w] = 0u;
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) atomicOr(&member[ids[k] >> 5], 1u << (ids[k] & 31));
+  __syncthreads();
+  auto is_member = [&](int64_t i) { return (member[i >> 5] >> (i & 31)) & 1u; };
+  auto temper = [&](C x) { return t_one ? x : x / Tc; };
+
+  // ---- A ----
+  C mu = neg_inf<C>(), su = 0, mt = neg_inf<C>(), st = 0, mz = neg_inf<C>(), sz = 0;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    const C z = C(to_c(z_row[i])), u = temper(z);
+    online(mu, su, u);
+    if (!is_member(i)) online(mt, st, u);
+    if (!t_one) online(mz, sz, z);
+  }
+  const C lse_u = block_lse(mu, su), log_tail = block_lse(mt, st);  // -inf when the complement is empty
+  const C lse_z = t_one ? lse_u : block_lse(mz, sz);
+  if (threadIdx.x == 0 && hard_rows) hard_rows[r] = y >= 0 ? lse_z - C(to_c(z_row[y])) : C(0);
+
+  // ---- the teacher's K terms ----
+  C ps = 0, lmax = neg_inf<C>(), mS = neg_inf<C>();
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    ps += exp(lp[k]);
+    lmax = fmax(lmax, ratio * lp[k]);
+    mS = fmax(mS, temper(C(to_c(z_row[ids[k]]))));
+  }
+  const C PS = block_sum(ps);
+  const C ltp = (PS < C(1) ? log1p(-PS) : neg_inf<C>()) * ratio;
+  lmax = block_max(lmax);
+  mS = block_max(mS);
+  if (MODE == 2) lmax = fmax(lmax, ltp);
+  C zs = 0, es = 0;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    zs += exp(ratio * lp[k] - lmax);
+    es += exp(temper(C(to_c(z_row[ids[k]]))) - mS);
+  }
+  C zsum = block_sum(zs);
+  const C lse_S = mS + log(block_sum(es));
+  if (MODE == 2 && ltp > neg_inf<C>()) zsum += exp(ltp - lmax);
+  const C lZ = lmax + log(zsum);
+  const C p_tail = MODE == 2 && ltp > neg_inf<C>() ? exp(ltp - lZ) : C(0);
+  C d = 0, psn = 0;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    const C lpk = ratio * lp[k] - lZ, pk = exp(lpk);
+    const C lq = temper(C(to_c(z_row[ids[k]]))) - (MODE == 1 ? lse_S : lse_u);
+    d += pk > C(0) ? pk * (lpk - lq) : C(0);
+    psn += pk;
+  }
+  C D = block_sum(d);
+  const C PSn = block_sum(psn);
+  if (MODE == 2 && p_tail > C(0)) D += p_tail * ((ltp - lZ) - (log_tail - lse_u));
+  if (threadIdx.x == 0) soft_rows[r] = D;
+
+  // ---- C: off the ids, then on them ----
+  C c_off = C(1);
+  if (MODE == 1) c_off = C(0);
+  if (MODE == 2) c_off = PSn - (log_tail > neg_inf<C>() ? p_tail * exp(lse_S - log_tail) : C(0));
+  const C cs = rw / Tc;
+  // the dense pass never writes an on-id element, so the K loop below still reads the logits there
+  // when grad aliases them
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    if (is_member(i)) continue;
+    const C z = C(to_c(z_row[i]));
+    C g = rw != C(0) ? cs * (c_off * exp(temper(z) - lse_u)) : C(0);
+    if (hard_grad) g += hw * (exp(z - lse_z) - C(i == y));
+    g_row[i] = FromC<T>::cvt(g);
+  }
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    const int64_t id = ids[k];
+    const C z = C(to_c(z_row[id])), u = temper(z);
+    const C pk = exp(ratio * lp[k] - lZ);
+    const C q = exp(u - (MODE == 1 ? lse_S : lse_u));
+    C g = rw != C(0) ? cs * (q - pk) : C(0);
+    if (hard_grad) g += hw * (exp(z - lse_z) - C(id == y));
+    g_row[id] = FromC<T>::cvt(g);
+  }
+}
+
+template <typename T>
+void launch_topk(const TopkArgs& a, cudaStream_t stream) {
+  const size_t smem = size_t((a.V + 31) / 32) * 4;
+  auto go = [&](auto kernel) {
+    if (smem > 48 * 1024) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (e != cudaSuccess)
+        rowwise::bad_arg("topk_kd_forward", "V = " + std::to_string(a.V) + " needs " + std::to_string(smem) +
+                                                " bytes of shared memory: " + cudaGetErrorString(e));
+    }
+    kernel<<<unsigned(a.N), kThreads, smem, stream>>>(a);
+    rowwise::check_launch("topk_kd_forward", "topk_rows_kernel");
+  };
+  switch (a.mode) {
+    case 0: return go(topk_rows_kernel<T, 0>);
+    case 1: return go(topk_rows_kernel<T, 1>);
+    default: return go(topk_rows_kernel<T, 2>);
+  }
+}
+
 }  // namespace
 
 void kd_forward_cuda(int64_t dtype, int64_t N, int64_t V, const void* student, int64_t s_stride, int64_t s_width,
@@ -266,6 +408,19 @@ void kd_forward_cuda(int64_t dtype, int64_t N, int64_t V, const void* student, i
                  temperature, beta, alpha, lam, student, teacher, row_weight, labels, hard_weight, lam_ptr,
                  grad, soft_rows, hard_rows};
   rowwise::with_dtype(dtype, "kd_forward", [&](auto tag) { launch<decltype(tag)>(a, stream); });
+}
+
+void topk_kd_forward_cuda(int64_t dtype, int64_t N, int64_t V, const void* student, int64_t s_stride, int64_t K,
+                          const void* ids, const void* logprobs, int64_t mode, double temperature, double ratio,
+                          const void* row_weight, const void* labels, const void* hard_weight, void* grad,
+                          void* soft_rows, void* hard_rows, CUstream_st* stream) {
+  if (mode < 0 || mode > 2) rowwise::bad_arg("topk_kd_forward", "unsupported mode code " + std::to_string(mode));
+  if (K < 1 || K > V) rowwise::bad_arg("topk_kd_forward", "K must be in [1, V]");
+  if (N > INT32_MAX) rowwise::bad_arg("topk_kd_forward", "more than 2^31 - 1 rows");
+  if (N <= 0) return;
+  const TopkArgs a{N, V, s_stride, K, mode, temperature, ratio, student, ids, logprobs, row_weight, labels,
+                   hard_weight, grad, soft_rows, hard_rows};
+  rowwise::with_dtype(dtype, "topk_kd_forward", [&](auto tag) { launch_topk<decltype(tag)>(a, stream); });
 }
 
 }  // namespace gpu

@@ -86,6 +86,16 @@ void kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t 
                        ptr<void>(grad), ptr<void>(soft_rows), ptr<void>(hard_rows), ptr<CUstream_st>(stream));
 }
 
+void topk_kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int64_t s_stride, int64_t K,
+                     uintptr_t ids, uintptr_t logprobs, int64_t mode, double temperature, double ratio,
+                     uintptr_t row_weight, uintptr_t labels, uintptr_t hard_weight, uintptr_t grad,
+                     uintptr_t soft_rows, uintptr_t hard_rows, uintptr_t stream) {
+  gpu::topk_kd_forward_cuda(dtype, N, V, ptr<const void>(student), s_stride, K, ptr<const void>(ids),
+                            ptr<const void>(logprobs), mode, temperature, ratio, ptr<const void>(row_weight),
+                            ptr<const void>(labels), ptr<const void>(hard_weight), ptr<void>(grad),
+                            ptr<void>(soft_rows), ptr<void>(hard_rows), ptr<CUstream_st>(stream));
+}
+
 py::dict build_info() {
   const gpu::BuildInfo b = gpu::build_info();
   py::dict d;
@@ -119,6 +129,12 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("beta"), py::arg("alpha"), py::arg("lam"), py::arg("lam_ptr"), py::arg("row_weight"),
         py::arg("labels"), py::arg("hard_weight"), py::arg("grad"), py::arg("soft_rows"), py::arg("hard_rows"),
         py::arg("stream"));
+  m.def("topk_kd_forward", &topk_kd_forward, release(),
+        "topk_kd_loss row kernel (csrc/cuda/kd.cu): forward KL to stored top-k teacher log-probs.",
+        py::arg("dtype"), py::arg("N"), py::arg("V"), py::arg("student"), py::arg("s_stride"), py::arg("K"),
+        py::arg("ids"), py::arg("logprobs"), py::arg("mode"), py::arg("temperature"), py::arg("ratio"),
+        py::arg("row_weight"), py::arg("labels"), py::arg("hard_weight"), py::arg("grad"), py::arg("soft_rows"),
+        py::arg("hard_rows"), py::arg("stream"));
   m.def("score_diff_forward", &score_diff_forward,
         py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
         py::arg("a"), py::arg("a_bs"), py::arg("a_u"), py::arg("a_u_bs"), py::arg("wa_ptr"), py::arg("wa"),

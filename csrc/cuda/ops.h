@@ -110,5 +110,13 @@ void kd_forward_cuda(int64_t dtype, int64_t N, int64_t V, const void* student, i
                      const void* labels, const void* hard_weight, void* grad, void* soft_rows, void* hard_rows,
                      CUstream_st* stream);
 
+// topk_kd_loss's row kernel, the CPU topk_kd_forward's contract (ids distinct and in range: the caller
+// checks). One block per row with a V-bit shared-memory bitmap of the ids (more than 48 KiB, i.e.
+// V > 393216, raises the kernel's dynamic shared-memory limit).
+void topk_kd_forward_cuda(int64_t dtype, int64_t N, int64_t V, const void* student, int64_t s_stride, int64_t K,
+                          const void* ids, const void* logprobs, int64_t mode, double temperature, double ratio,
+                          const void* row_weight, const void* labels, const void* hard_weight, void* grad,
+                          void* soft_rows, void* hard_rows, CUstream_st* stream);
+
 }  // namespace gpu
 }  // namespace flashdistill

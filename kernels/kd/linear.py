@@ -196,7 +196,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
 
 
 def _implemented(tids):
-    """The backends with a row kernel for this teacher form (the top-k one has no CUDA kernel yet)."""
+    """The backends with a row kernel for this teacher form."""
     return tuple(b for b in IMPLEMENTED if b in topk.IMPLEMENTED) if tids is not None else IMPLEMENTED
 
 
@@ -330,7 +330,8 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha,
         masks = (row_w[i:j], None if labels is None else labels[i:j], None if hard_w is None else hard_w[i:j])
         if tids is not None:
             teacher = (tids[i:j], tlp[i:j], kind, T, ratio)
-            in_place, spec = {"cpu": topk.rows_cpu, "triton": topk.rows_triton}, topk.rows_reference
+            in_place = {"cpu": topk.rows_cpu, "triton": topk.rows_triton, "cuda": topk.rows_cuda}
+            spec = topk.rows_reference
         else:
             teacher = (_teacher_chunk(tl, th, thead, tcap, i, j, direct, tbuf), kind, T, beta, alpha, lam)
             in_place = {"cpu": partial(rows_cpu, V=width), "triton": partial(rows_triton, V=width),

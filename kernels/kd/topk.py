@@ -37,7 +37,7 @@ from flashdistill.kernels.kd import finish, register_logits_autograd, token_weig
 from flashdistill.kernels.kd import reference
 
 OP = "topk_kd_loss"
-IMPLEMENTED = ("reference", "cpu", "triton")
+IMPLEMENTED = ("reference", "cpu", "triton", "cuda")
 MODES = {name: i for i, name in enumerate(reference.TOPK_MODES)}  # renorm_teacher, renorm_both, tail_bucket
 
 __all__ = ["topk_kd_loss"]
@@ -193,32 +193,35 @@ def _reference(z, ids, lp, mode, T, ratio, row_w, labels, hard_w):
     return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
 
 
-def _cpu(z, ids, lp, mode, T, ratio, row_w, labels, hard_w):
+def rows_cuda(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows, hard_rows):
+    """rows_cpu's contract, the CUDA kernel (csrc/cuda/kd.cu topk_rows_kernel)."""
+    mod = native.cuda_module()[0]
     N, V = z.shape
-    z = native.rows(z)
-    cd = checks.compute_dtype(z.dtype)
-    grad = native.empty((N, V), z.dtype, z.device)
-    soft_rows = native.empty((N,), cd, z.device)
-    hard_rows = native.empty((N,), cd, z.device) if hard_w is not None else None
-    try:
-        rows_cpu(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows, hard_rows)
-    except ValueError as e:  # pybind11 maps std::invalid_argument to ValueError
-        raise ValueError(str(e)) from None
-    return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+    ids, lp = ids.contiguous(), lp.contiguous()
+    row_w, labels, hard_w = row_w.contiguous(), native.contiguous(labels), native.contiguous(hard_w)
+    with torch.cuda.device(z.device):
+        mod.topk_kd_forward(native.DTYPE_CODES[z.dtype], N, V, z.data_ptr(), z.stride(0), ids.shape[1],
+                            ids.data_ptr(), lp.data_ptr(), mode, T, ratio, row_w.data_ptr(), native.ptr(labels),
+                            native.ptr(hard_w), grad.data_ptr(), soft_rows.data_ptr(), native.ptr(hard_rows),
+                            native.stream_of(z))
 
 
-def _triton(z, ids, lp, mode, T, ratio, row_w, labels, hard_w):
-    N = z.shape[0]
-    z = native.rows(z)
-    cd = checks.compute_dtype(z.dtype)
-    grad = native.empty(z.shape, z.dtype, z.device)
-    soft_rows = native.empty((N,), cd, z.device)
-    hard_rows = native.empty((N,), cd, z.device) if hard_w is not None else None
-    rows_triton(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows, hard_rows)
-    return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+def _native_rows(rows_fn):
+    """The (loss, soft, hard, grad) backend of topk_kd_loss around a rows_* function."""
+    def run(z, ids, lp, mode, T, ratio, row_w, labels, hard_w):
+        N = z.shape[0]
+        z = native.rows(z)
+        cd = checks.compute_dtype(z.dtype)
+        grad = native.empty(z.shape, z.dtype, z.device)
+        soft_rows = native.empty((N,), cd, z.device)
+        hard_rows = native.empty((N,), cd, z.device) if hard_w is not None else None
+        rows_fn(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows, hard_rows)
+        return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+    return run
 
 
-_IMPLS = {"reference": _reference, "cpu": _cpu, "triton": _triton}
+_IMPLS = {"reference": _reference, "cpu": _native_rows(rows_cpu), "triton": _native_rows(rows_triton),
+          "cuda": _native_rows(rows_cuda)}
 
 
 def _validate(z, ids, lp, row_w, labels, hard_w):
