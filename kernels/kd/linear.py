@@ -67,19 +67,24 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
                          teacher_weight: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                          teacher_ids: Optional[Tensor] = None, teacher_logprobs: Optional[Tensor] = None,
                          topk_mode: str = "tail_bucket", gen_temperature: Optional[float] = None,
-                         vocab: str = "exact", divergence: str = "forward_kl", temperature: float = 1.0, t_squared: bool = False,
+                         vocab: str = "exact", divergence: str = "forward_kl", temperature: float = 1.0,
+                         t_squared: bool = False,
                          beta: float = 0.5, alpha: float = 0.1, lam: float = 0.5, labels: Optional[Tensor] = None,
                          ignore_index: int = -100, hard_weight: float = 0.0, soft_weight: float = 1.0,
                          normalizer=None, softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
                          chunk_size: Optional[int] = None, pack_valid: Optional[bool] = None,
-                         return_parts: bool = False, backend: Optional[str] = None):
+                         process_group=None, return_parts: bool = False, backend: Optional[str] = None):
     """Distillation loss of a linear head's logits against a teacher (see the module docstring).
 
     student_hidden [..., H], student_weight [V, H], student_bias [V]; the teacher as one of
     teacher_logits [..., V]; teacher_hidden [..., Ht] with teacher_weight [V, Ht] (and teacher_bias [V]);
     or a stored top-k teacher, teacher_ids [..., K] with teacher_logprobs [..., K] (topk_kd_loss's
     forward KL with ``topk_mode`` and ``gen_temperature``; divergence must be forward_kl). A teacher
-    vocabulary Vt != V needs ``vocab`` = "truncate" or "pad" (kd_loss's). Returns the 0-d loss (float32; float64 for float64 inputs), or (loss, soft, hard) with ``return_parts``.
+    vocabulary Vt != V needs ``vocab`` = "truncate" or "pad" (kd_loss's). ``process_group``: a
+    tensor-parallel LM head, each rank holding the rows [start_r, start_r + V_r) of the student's head
+    (and of the teacher's head or logits) and the same hidden states; labels are global ids; every
+    rank gets the loss, the full dh and its slice's dW, db. Returns the 0-d loss (float32; float64 for
+    float64 inputs), or (loss, soft, hard) with ``return_parts``.
     """
     h, w, b = student_hidden, student_weight, student_bias
     checks.tensor(OP, "student_hidden", h, min_dim=1)
@@ -159,6 +164,10 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
             raise ValueError(f"{OP}: {name} must be None or a finite float > 0, got {c!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{OP}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if process_group is not None:
+        return _parallel(h, w, b, tl, th, tw, tb, tids, vocab, divergence, temperature, t_squared, beta, alpha, lam,
+                         labels, ignore_index, hard_weight, soft_weight, normalizer, softcap, teacher_softcap,
+                         chunk_size, pack_valid, process_group, return_parts, backend)
     backend = backends.requested(OP, backend, h.device, _implemented(tids))
     check_options(OP, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
     cd = checks.compute_dtype(h.dtype)
@@ -166,16 +175,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
         OP, tokens, min(V, width), h.device, cd, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
         soft_weight=soft_weight, normalizer=normalizer, temperature=temperature, t_squared=t_squared)
     h2 = h.reshape(-1, H)
-    if pack_valid is None:
-        pack_valid = not h.is_cuda  # finding the valid rows is free on the CPU, a host sync on a GPU
-    if pack_valid and labels is not None:
-        # masked tokens (prompt, padding) cost nothing: only the rows with a weight go through the
-        # GEMMs and the row kernel; autograd scatters dh back (zeros for the masked rows)
-        keep = ((row_w != 0) if hard_w is None else ((row_w != 0) | (hard_w != 0))).nonzero().squeeze(-1)
-        if 0 < keep.numel() < h2.shape[0]:  # (all masked: the kernels' masked-row path gives the zeros)
-            pick = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
-            h2, row_w, hard_w, hard_labels = pick(h2), pick(row_w), pick(hard_w), pick(hard_labels)
-            tl, th, tids, tlp = pick(tl), pick(th), pick(tids), pick(tlp)
+    h2, row_w, hard_w, hard_labels, tl, th, tids, tlp = _pack(
+        pack_valid, h.is_cuda, labels is not None, row_w, hard_w, h2, hard_labels, tl, th, tids, tlp)
     N = h2.shape[0]
     if chunk_size is None:
         n_buf = 1 + (tids is None and not _teacher_in_place(tl, cd, teacher_softcap)) + (softcap is not None)
@@ -193,6 +194,58 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
     return loss
+
+
+def _parallel(h, w, b, tl, th, tw, tb, tids, vocab, divergence, temperature, t_squared, beta, alpha, lam, labels,
+              ignore_index, hard_weight, soft_weight, normalizer, softcap, teacher_softcap, chunk_size, pack_valid,
+              group, return_parts, backend):
+    """fused_linear_kd_loss with a vocab-sliced head (see the docstring's process_group)."""
+    from flashdistill.kernels.kd import parallel
+
+    if backend not in (None, "auto", "reference"):
+        raise ValueError(f"{OP}: with process_group the rows run in torch stages (backend 'reference'); the fused "
+                         f"vocab-parallel row kernels are not implemented yet, got backend={backend!r}")
+    if tids is not None or vocab != "exact":
+        raise ValueError(f"{OP}: process_group takes the teacher as logits or a head sliced like the student's "
+                         f"(no top-k teacher, vocab='exact')")
+    check_options(OP, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
+    H, V_r = h.shape[-1], w.shape[0]
+    start, V = parallel.slice_start(V_r, group)
+    cd = checks.compute_dtype(h.dtype)
+    row_w, hard_w, hard_labels, t2f, n = token_weights(
+        OP, h.shape[:-1], V, h.device, cd, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
+        soft_weight=soft_weight, normalizer=normalizer, temperature=temperature, t_squared=t_squared)
+    h2 = h.reshape(-1, H)
+    h2, row_w, hard_w, hard_labels, tl, th = _pack(pack_valid, h.is_cuda, labels is not None, row_w, hard_w, h2,
+                                                   hard_labels, tl, th)
+    N = h2.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, WORKSPACE_BYTES["cuda" if h.is_cuda else "cpu"] // (V_r * 3 * torch.finfo(cd).bits // 8))
+    grad_on = torch.is_grad_enabled()
+    need = ((NEED_H if grad_on and h.requires_grad else 0) | (NEED_W if grad_on and w.requires_grad else 0)
+            | (NEED_B if grad_on and b is not None and b.requires_grad else 0))
+    lam = lam.reshape(()).to(cd) if isinstance(lam, Tensor) else float(lam)
+    loss, soft, hard = _FusedParallel.apply(h2, w, b, tl, th, tw, tb, KINDS[divergence], float(temperature),
+                                            float(beta), float(alpha), lam, float(softcap or 0.0),
+                                            float(teacher_softcap or 0.0), row_w, hard_labels, hard_w,
+                                            min(chunk_size, N), need, group, start)
+    if return_parts:
+        return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
+    return loss
+
+
+def _pack(pack_valid, on_gpu, has_labels, row_w, hard_w, *rows):
+    """(row_w, hard_w, *rows) restricted to the tokens with a weight when packing applies (default on
+    the CPU: finding them is free there, a host sync on a GPU): masked tokens (prompt, padding) then
+    cost nothing, and autograd scatters dh back (zeros for them). With every token masked, nothing
+    is dropped: the kernels' masked-row path gives the zeros."""
+    pick = lambda x: x  # noqa: E731
+    if (not on_gpu if pack_valid is None else pack_valid) and has_labels:
+        keep = ((row_w != 0) if hard_w is None else ((row_w != 0) | (hard_w != 0))).nonzero().squeeze(-1)
+        if 0 < keep.numel() < row_w.shape[0]:
+            pick = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
+    row_w, hard_w = pick(row_w), pick(hard_w)
+    return (pick(rows[0]), row_w, hard_w, *(pick(x) for x in rows[1:]))
 
 
 def _implemented(tids):
@@ -304,7 +357,10 @@ def _teacher_chunk(tl, th, thead, tcap, i, j, direct, tbuf):
 
 
 def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha, lam, cap, tcap, row_w, labels,
-         hard_w, chunk, need, backend):
+         hard_w, chunk, need, backend, parallel=None):
+    """The chunk loop. ``parallel`` = (process group, first id of this rank's slice): the head and the
+    teacher are this rank's vocabulary slice; the rows go through parallel.rows (collectives per
+    chunk) and dh, a partial sum over the slices, is all-reduced."""
     N, H = h.shape
     V = w.shape[0]
     cd = checks.compute_dtype(h.dtype)
@@ -328,7 +384,10 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha,
         z = head.project(hc, zbuf[:c])
         th_cap = _capped(z, cap, kbuf[:c]) if cap else None
         masks = (row_w[i:j], None if labels is None else labels[i:j], None if hard_w is None else hard_w[i:j])
-        if tids is not None:
+        if parallel is not None:
+            teacher = (_teacher_chunk(tl, th, thead, tcap, i, j, direct, tbuf), _KIND_NAMES[kind], T, beta, alpha, lam)
+            in_place, spec = {}, partial(_parallel_rows, group=parallel[0], start=parallel[1])
+        elif tids is not None:
             teacher = (tids[i:j], tlp[i:j], kind, T, ratio)
             in_place = {"cpu": topk.rows_cpu, "triton": topk.rows_triton, "cuda": topk.rows_cuda}
             spec = topk.rows_reference
@@ -350,6 +409,8 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha,
         gq = head.grad_operand(g) if need & (NEED_H | NEED_W) else None
         if need & NEED_H:
             head.grad_input(gq, grad_h[i:j])
+            if parallel is not None:  # dh = sum over the ranks' slices of g_r W_r
+                _all_reduce_sum(grad_h[i:j], parallel[0])
         if grad_w is not None:
             head.grad_weight(grad_w, gq, hc)
         if grad_b is not None:
@@ -358,6 +419,52 @@ def _run(h, w, b, tl, th, tw, tb, tids, tlp, kind, width, ratio, T, beta, alpha,
     gw = w.new_empty(0) if grad_w is None else grad_w.to(w.dtype)
     gb = h.new_empty(0) if grad_b is None else grad_b.to(b.dtype)
     return loss, soft, hard, grad_h, gw, gb
+
+
+_KIND_NAMES = {v: k for k, v in KINDS.items()}
+
+
+def _parallel_rows(z, t, kind, T, beta, alpha, lam, row_w, labels, hard_w, *, group, start):
+    from flashdistill.kernels.kd import parallel
+
+    return parallel.rows(z, t, kind, T, beta, alpha, lam, row_w, labels, hard_w, group, start)
+
+
+def _all_reduce_sum(t, group):
+    import torch.distributed as dist
+
+    buf = t.contiguous()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    if buf.data_ptr() != t.data_ptr():
+        t.copy_(buf)
+
+
+class _FusedParallel(torch.autograd.Function):
+    """fused_linear_kd_loss over vocab-sliced heads: every rank the same loss; dh all-reduced, dW and
+    db of the rank's slice; the backward scales the gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, tl, th, tw, tb, kind, T, beta, alpha, lam, cap, tcap, row_w, labels, hard_w, chunk,
+                need, group, start):
+        loss, soft, hard, gh, gw, gb = _run(h, w, b, tl, th, tw, tb, None, None, kind, w.shape[0], 1.0, T, beta,
+                                            alpha, lam, cap, tcap, row_w, labels, hard_w, chunk, need, "reference",
+                                            parallel=(group, start))
+        ctx.need = need
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.mark_non_differentiable(soft, hard)
+        return loss, soft, hard
+
+    @staticmethod
+    def backward(ctx, grad_loss, _soft, _hard):
+        gh, gw, gb = ctx.saved_tensors
+
+        def scaled(g, bit):
+            if not ctx.need & bit:
+                return None
+            cd = checks.compute_dtype(g.dtype)
+            return (g.to(cd) * grad_loss.to(cd)).to(g.dtype)
+
+        return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 18
 
 
 def _validate(h, w, b, tl, th, tw, tb, tids, tlp, width, row_w, labels, hard_w, chunk):
