@@ -79,6 +79,16 @@ __device__ __forceinline__ void online(C& m, C& s, C x) {
   }
 }
 
+// A row with no weight: D = CE = 0 and a zero gradient row of `width` elements.
+template <typename T, typename C>
+__device__ __forceinline__ void masked_row(C* soft_rows, C* hard_rows, T* g_row, int64_t r, int64_t width) {
+  if (threadIdx.x == 0) {
+    soft_rows[r] = C(0);
+    if (hard_rows) hard_rows[r] = C(0);
+  }
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x) g_row[i] = FromC<T>::cvt(C(0));
+}
+
 template <typename C>
 __device__ __forceinline__ C logaddexp(C a, C b) {
   const C mx = a > b ? a : b, d = a > b ? b - a : a - b;
@@ -110,14 +120,7 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(KdArgs a) {
   const bool t_one = a.T == 1.0;
   const C lam = a.lam_ptr ? *reinterpret_cast<const C*>(a.lam_ptr) : C(a.lam);
 
-  if (rw == C(0) && !hard_grad) {  // a masked row
-    if (threadIdx.x == 0) {
-      soft_rows[r] = C(0);
-      if (hard_rows) hard_rows[r] = C(0);
-    }
-    for (int64_t i = threadIdx.x; i < a.s_width; i += blockDim.x) g_row[i] = FromC<T>::cvt(C(0));
-    return;
-  }
+  if (rw == C(0) && !hard_grad) return masked_row(soft_rows, hard_rows, g_row, r, a.s_width);
   auto zt = [&](int64_t i) { return i < a.s_lim ? C(to_c(z_row[i])) : neg_inf<C>(); };
   auto tt = [&](int64_t i) { return i < a.t_lim ? C(to_c(t_row[i])) : neg_inf<C>(); };
   auto temper = [&](C x) { return t_one ? x : x / Tc; };
@@ -281,14 +284,7 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(TopkArgs a) {
   const C Tc = C(a.T), ratio = C(a.ratio);
   const bool t_one = a.T == 1.0;
 
-  if (rw == C(0) && !hard_grad) {  // a masked row
-    if (threadIdx.x == 0) {
-      soft_rows[r] = C(0);
-      if (hard_rows) hard_rows[r] = C(0);
-    }
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) g_row[i] = FromC<T>::cvt(C(0));
-    return;
-  }
+  if (rw == C(0) && !hard_grad) return masked_row(soft_rows, hard_rows, g_row, r, V);
   const int64_t words = (V + 31) / 32;
   for (int64_t w = threadIdx.x; w < words; w += blockDim.x) member[w] = 0u;
   __syncthreads();

@@ -299,17 +299,22 @@ def rows_cuda(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, so
                        soft_rows.data_ptr(), native.ptr(hard_rows), native.stream_of(s2))
 
 
+def run_rows(rows_fn, z, row_w, labels, hard_w, *teacher, **kw):
+    """(loss, soft, hard, grad) of a row kernel called as rows_fn(z, *teacher, row_w, labels, hard_w,
+    grad, soft_rows, hard_rows, **kw) into fresh buffers: the native backends of the KD ops."""
+    N = z.shape[0]
+    cd = checks.compute_dtype(z.dtype)
+    grad = native.empty(z.shape, z.dtype, z.device)
+    soft_rows = native.empty((N,), cd, z.device)
+    hard_rows = native.empty((N,), cd, z.device) if hard_w is not None else None
+    rows_fn(z, *teacher, row_w, labels, hard_w, grad, soft_rows, hard_rows, **kw)
+    return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+
+
 def _native_rows(rows_fn):
-    """The (loss, soft, hard, grad) backend of kd_loss around a rows_* function."""
     def run(s2, t2, kind, V, T, beta, alpha, lam, row_w, labels, hard_w):
-        N = s2.shape[0]
-        s2, t2 = native.rows(s2), native.rows(t2)
-        cd = checks.compute_dtype(s2.dtype)
-        grad = native.empty(s2.shape, s2.dtype, s2.device)
-        soft_rows = native.empty((N,), cd, s2.device)
-        hard_rows = native.empty((N,), cd, s2.device) if hard_w is not None else None
-        rows_fn(s2, t2, kind, T, beta, alpha, lam, row_w, labels, hard_w, grad, soft_rows, hard_rows, V)
-        return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+        return run_rows(rows_fn, native.rows(s2), row_w, labels, hard_w, native.rows(t2), kind, T, beta, alpha, lam,
+                        V=V)
     return run
 
 

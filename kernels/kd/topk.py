@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from flashdistill.kernels import backends, checks, native
-from flashdistill.kernels.kd import finish, register_logits_autograd, token_weights
+from flashdistill.kernels.kd import finish, register_logits_autograd, run_rows, token_weights
 from flashdistill.kernels.kd import reference
 
 OP = "topk_kd_loss"
@@ -207,16 +207,8 @@ def rows_cuda(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows
 
 
 def _native_rows(rows_fn):
-    """The (loss, soft, hard, grad) backend of topk_kd_loss around a rows_* function."""
     def run(z, ids, lp, mode, T, ratio, row_w, labels, hard_w):
-        N = z.shape[0]
-        z = native.rows(z)
-        cd = checks.compute_dtype(z.dtype)
-        grad = native.empty(z.shape, z.dtype, z.device)
-        soft_rows = native.empty((N,), cd, z.device)
-        hard_rows = native.empty((N,), cd, z.device) if hard_w is not None else None
-        rows_fn(z, ids, lp, mode, T, ratio, row_w, labels, hard_w, grad, soft_rows, hard_rows)
-        return (*finish(soft_rows, hard_rows, row_w, hard_w), grad)
+        return run_rows(rows_fn, native.rows(z), row_w, labels, hard_w, ids, lp, mode, T, ratio)
     return run
 
 

@@ -73,6 +73,33 @@ def _log_probs(s_row, t_row, offs, s_lim, t_lim, T, lam, lse_u, lse_v, T_ONE: tl
 
 
 @triton.jit
+def _row_weights(rw_ptr, lab_ptr, hw_ptr, r, HAS_LABELS: tl.constexpr, HAS_HARD: tl.constexpr, C: tl.constexpr):
+    """(soft weight, label (-1: none), hard weight, whether the row has a hard-CE gradient) of row r."""
+    rw = tl.load(rw_ptr + r).to(C)
+    if HAS_LABELS:
+        y = tl.load(lab_ptr + r)
+    else:
+        y = -1
+    if HAS_HARD:
+        hw = tl.load(hw_ptr + r).to(C)
+    else:
+        hw = tl.zeros([], C)
+    return rw, y, hw, (y >= 0) & (hw != 0.0)
+
+
+@triton.jit
+def _masked_row(soft_ptr, hard_ptr, g_row, r, width, WRITE_HARD: tl.constexpr, C: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """A row with no weight: D = CE = 0 and a zero gradient row of ``width`` elements."""
+    tl.store(soft_ptr + r, tl.zeros([], C))
+    if WRITE_HARD:
+        tl.store(hard_ptr + r, tl.zeros([], C))
+    ar = tl.arange(0, BLOCK)
+    for i in range(0, width, BLOCK):
+        triton_utils.store_rounded(g_row + i + ar, tl.zeros([BLOCK], C), i + ar < width)
+
+
+@triton.jit
 def _online(m, s, x):
     """Running (max, sum of exp(x - max)) updated with the tile x."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -97,26 +124,13 @@ def _kd_rows_kernel(
     t_row = t_ptr + r * t_stride
     g_row = g_ptr + r * s_width
     ar = tl.arange(0, BLOCK)
-    rw = tl.load(rw_ptr + r).to(C)
-    if HAS_LABELS:
-        y = tl.load(lab_ptr + r)
-    else:
-        y = -1
-    if HAS_HARD:
-        hw = tl.load(hw_ptr + r).to(C)
-    else:
-        hw = tl.zeros([], C)
-    hard_grad = (y >= 0) & (hw != 0.0)
+    rw, y, hw, hard_grad = _row_weights(rw_ptr, lab_ptr, hw_ptr, r, HAS_LABELS, HAS_HARD, C)
     zero_tile = tl.zeros([BLOCK], C)
     if LAM_PTR:  # TAID's lam from device memory (a tensor the caller schedules: no host sync)
         lam = tl.load(lam_ptr).to(C)
 
-    if (rw == 0.0) & (hard_grad == 0):  # a masked row
-        tl.store(soft_ptr + r, tl.zeros([], C))
-        if WRITE_HARD:
-            tl.store(hard_ptr + r, tl.zeros([], C))
-        for i in range(0, s_width, BLOCK):
-            triton_utils.store_rounded(g_row + i + ar, zero_tile, i + ar < s_width)
+    if (rw == 0.0) & (hard_grad == 0):
+        _masked_row(soft_ptr, hard_ptr, g_row, r, s_width, WRITE_HARD, C, BLOCK)
     else:
         # ---- A: maxima and sums of exp ----
         mu = tl.full([], float("-inf"), C)
@@ -299,25 +313,12 @@ def _topk_rows_kernel(
     kin = kk < K
     ids = tl.load(ids_ptr + r * K + kk, mask=kin, other=-1)
     lp = tl.load(lp_ptr + r * K + kk, mask=kin, other=float("-inf")).to(C)
-    rw = tl.load(rw_ptr + r).to(C)
-    if HAS_LABELS:
-        y = tl.load(lab_ptr + r)
-    else:
-        y = -1
-    if HAS_HARD:
-        hw = tl.load(hw_ptr + r).to(C)
-    else:
-        hw = tl.zeros([], C)
-    hard_grad = (y >= 0) & (hw != 0.0)
+    rw, y, hw, hard_grad = _row_weights(rw_ptr, lab_ptr, hw_ptr, r, HAS_LABELS, HAS_HARD, C)
     zero_tile = tl.zeros([BLOCK], C)
     NEG = float("-inf")
 
     if (rw == 0.0) & (hard_grad == 0):
-        tl.store(soft_ptr + r, tl.zeros([], C))
-        if WRITE_HARD:
-            tl.store(hard_ptr + r, tl.zeros([], C))
-        for i in range(0, V, BLOCK):
-            triton_utils.store_rounded(g_row + i + ar, zero_tile, i + ar < V)
+        _masked_row(soft_ptr, hard_ptr, g_row, r, V, WRITE_HARD, C, BLOCK)
     else:
         zS, uS = _tempered(s_row, tl.maximum(ids, 0), tl.where(kin, V, 0), T, T_ONE, C)
         # ---- A ----
