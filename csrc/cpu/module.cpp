@@ -132,6 +132,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("row_weight"), py::arg("labels"), py::arg("hard_weight"), py::arg("grad"), py::arg("soft_rows"),
         py::arg("hard_rows"));
 
+  m.def("philox_fill", &fd::philox_fill, release(),
+        "Philox4x32-10 stream: bits, uniforms or normals (csrc/cpu/rng.cpp).",
+        py::arg("dtype"), py::arg("n"), py::arg("seed"), py::arg("offset_ptr"), py::arg("start"), py::arg("kind"),
+        py::arg("out"));
+
   m.def("build_info", &build_info, "How this module was compiled: compiler, OpenMP, ISA extensions.");
   m.def("omp_max_threads", &omp_max_threads, "omp_get_max_threads() (1 without OpenMP).");
 }

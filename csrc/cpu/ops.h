@@ -70,5 +70,11 @@ void topk_kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int
                      uintptr_t row_weight, uintptr_t labels, uintptr_t hard_weight, uintptr_t grad,
                      uintptr_t soft_rows, uintptr_t hard_rows);
 
+// rng.cpp: n elements of the Philox4x32-10 stream (seed, *offset_ptr) from element `start` on
+// (include/flashdistill/philox.h): kind 0 the raw 32-bit words into int64 `out`, 1 uniforms in [0, 1),
+// 2 normals, both in `dtype`. offset_ptr points to one int64 (the generator's device-side offset).
+void philox_fill(int64_t dtype, int64_t n, uint64_t seed, uintptr_t offset_ptr, uint64_t start, int64_t kind,
+                 uintptr_t out);
+
 }  // namespace cpu
 }  // namespace flashdistill

@@ -96,6 +96,12 @@ void topk_kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int
                             ptr<void>(soft_rows), ptr<void>(hard_rows), ptr<CUstream_st>(stream));
 }
 
+void philox_fill(int64_t dtype, int64_t n, uint64_t seed, uintptr_t offset, uint64_t start, int64_t kind,
+                 uintptr_t out, uintptr_t stream) {
+  gpu::philox_fill_cuda(dtype, n, seed, ptr<const void>(offset), start, kind, ptr<void>(out),
+                        ptr<CUstream_st>(stream));
+}
+
 py::dict build_info() {
   const gpu::BuildInfo b = gpu::build_info();
   py::dict d;
@@ -135,6 +141,9 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("ids"), py::arg("logprobs"), py::arg("mode"), py::arg("temperature"), py::arg("ratio"),
         py::arg("row_weight"), py::arg("labels"), py::arg("hard_weight"), py::arg("grad"), py::arg("soft_rows"),
         py::arg("hard_rows"), py::arg("stream"));
+  m.def("philox_fill", &philox_fill, release(), "Philox4x32-10 stream: bits, uniforms or normals (csrc/cuda/rng.cu).",
+        py::arg("dtype"), py::arg("n"), py::arg("seed"), py::arg("offset_ptr"), py::arg("start"), py::arg("kind"),
+        py::arg("out"), py::arg("stream"));
   m.def("score_diff_forward", &score_diff_forward,
         py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
         py::arg("a"), py::arg("a_bs"), py::arg("a_u"), py::arg("a_u_bs"), py::arg("wa_ptr"), py::arg("wa"),

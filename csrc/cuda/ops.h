@@ -118,5 +118,11 @@ void topk_kd_forward_cuda(int64_t dtype, int64_t N, int64_t V, const void* stude
                           const void* row_weight, const void* labels, const void* hard_weight, void* grad,
                           void* soft_rows, void* hard_rows, CUstream_st* stream);
 
+// ---- noise (rng.cu) --------------------------------------------------------------------------------
+// The Philox stream, the CPU philox_fill's contract (csrc/cpu/ops.h); offset points to one int64 on
+// the device.
+void philox_fill_cuda(int64_t dtype, int64_t n, uint64_t seed, const void* offset, uint64_t start, int64_t kind,
+                      void* out, CUstream_st* stream);
+
 }  // namespace gpu
 }  // namespace flashdistill
