@@ -8,6 +8,7 @@
 // predicted for bits on one core, so ~1 GB/s of float32 normals per core -- far below bandwidth; the
 // samplers fuse the generation into their step so that no noise tensor is ever written.
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -26,22 +27,25 @@ enum Kind : int64_t { kBits = 0, kUniform = 1, kNormal = 2 };
 template <typename T>
 void fill(int64_t n, uint64_t seed, uint64_t offset, uint64_t start, int64_t kind, T* out) {
   using C = typename Compute<T>::type;
-  const uint64_t first = start >> 2, last = (start + uint64_t(n) + 3) >> 2;  // blocks touched
-  const int64_t n_blocks = int64_t(last - first);
+  constexpr int64_t kTileElems = 1024;  // a tile of the stream, generated into the stack then stored
+  const int64_t n_tiles = (n + kTileElems - 1) / kTileElems;
   const int nthr = sched::threads_for(n * 8);
 #pragma omp parallel for num_threads(nthr) if (nthr > 1) schedule(static)
-  for (int64_t bi = 0; bi < n_blocks; ++bi) {
-    const uint64_t blk = first + uint64_t(bi);
-    const philox::Block b = philox::block_of(blk << 2, seed, offset);
-    for (int j = 0; j < 4; ++j) {
-      const uint64_t idx = (blk << 2) + uint64_t(j);  // element index in the stream
-      if (idx < start || idx >= start + uint64_t(n)) continue;
-      const int64_t i = int64_t(idx - start);
-      C v;
-      if (kind == kUniform) v = philox::uniform<C>(b.w[j]);
-      else v = philox::normal<C>(b.w[j & 2], b.w[(j & 2) + 1], (j & 1) != 0);
-      store(out, i, v);
+  for (int64_t ti = 0; ti < n_tiles; ++ti) {
+    const int64_t i0 = ti * kTileElems, m = std::min(kTileElems, n - i0);
+    C v[kTileElems];
+    if (kind == kNormal) {
+      philox::normals<C>(start + uint64_t(i0), m, seed, offset, v);
+    } else {
+      for (uint64_t blk = (start + uint64_t(i0)) >> 2; (blk << 2) < start + uint64_t(i0 + m); ++blk) {
+        const philox::Block b = philox::block_of(blk << 2, seed, offset);
+        for (int j = 0; j < 4; ++j) {
+          const int64_t k = int64_t((blk << 2) + uint64_t(j) - start) - i0;
+          if (k >= 0 && k < m) v[k] = philox::uniform<C>(b.w[j]);
+        }
+      }
     }
+    for (int64_t k = 0; k < m; ++k) store(out, i0 + k, v[k]);
   }
 }
 

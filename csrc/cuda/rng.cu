@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "flashdistill/common.h"
 #include "flashdistill/philox.h"
@@ -28,6 +29,9 @@ __global__ void __launch_bounds__(kThreads) philox_kernel(int64_t n, uint64_t se
   for (uint64_t blk = first + blockIdx.x * uint64_t(kThreads) + threadIdx.x; blk < last;
        blk += uint64_t(gridDim.x) * kThreads) {
     const philox::Block b = philox::block_of(blk << 2, seed, offset);
+    using C = typename std::conditional<KIND == 0, float, typename Compute<T>::type>::type;
+    C n[4];
+    if constexpr (KIND == 2) philox::block_normals<C>(b, n);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint64_t idx = (blk << 2) + uint64_t(j);
@@ -35,10 +39,10 @@ __global__ void __launch_bounds__(kThreads) philox_kernel(int64_t n, uint64_t se
       const int64_t i = int64_t(idx - start);
       if constexpr (KIND == 0) {
         out[i] = int64_t(b.w[j]);
+      } else if constexpr (KIND == 1) {
+        out[i] = rowwise::FromC<T>::cvt(philox::uniform<typename Compute<T>::type>(b.w[j]));
       } else {
-        using C = typename Compute<T>::type;
-        const C v = KIND == 1 ? philox::uniform<C>(b.w[j]) : philox::normal<C>(b.w[j & 2], b.w[(j & 2) + 1], j & 1);
-        out[i] = rowwise::FromC<T>::cvt(v);
+        out[i] = rowwise::FromC<T>::cvt(n[j]);
       }
     }
   }

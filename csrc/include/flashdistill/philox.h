@@ -51,17 +51,33 @@ FD_HD Block block_of(uint64_t idx, uint64_t seed, uint64_t offset) {
 
 template <typename C> FD_HD C uniform(uint32_t w) { return C(w >> 8) * C(1.0 / 16777216.0); }
 
-// Box-Muller of the pair (even, odd): the even word's normal (cos) when `sine` is false, else the odd's.
-template <typename C> FD_HD C normal(uint32_t even, uint32_t odd, bool sine) {
+// The 4 normals of a block (two Box-Muller pairs: one log, sqrt, sin and cos per pair).
+template <typename C> FD_HD void block_normals(const Block& b, C (&n)[4]) {
   using std::cos;
   using std::log;
   using std::sin;
   using std::sqrt;
-  const C u1 = C((even >> 8) + 1u) * C(1.0 / 16777216.0);
-  const C u2 = C(odd >> 8) * C(1.0 / 16777216.0);
-  const C r = sqrt(C(-2) * log(u1));
-  const C th = C(6.283185307179586476925) * u2;
-  return r * (sine ? sin(th) : cos(th));
+  for (int p = 0; p < 4; p += 2) {
+    const C u1 = C((b.w[p] >> 8) + 1u) * C(1.0 / 16777216.0);
+    const C u2 = C(b.w[p + 1] >> 8) * C(1.0 / 16777216.0);
+    const C r = sqrt(C(-2) * log(u1));
+    const C th = C(6.283185307179586476925) * u2;
+    n[p] = r * cos(th);
+    n[p + 1] = r * sin(th);
+  }
+}
+
+// out[k] = the normal of stream element idx0 + k, k < m (any alignment of idx0): the tile helper of
+// the fused kernels (q_sample) and of the plain draws.
+template <typename C> FD_HD void normals(uint64_t idx0, int64_t m, uint64_t seed, uint64_t offset, C* out) {
+  for (uint64_t blk = idx0 >> 2; (blk << 2) < idx0 + uint64_t(m); ++blk) {
+    C n[4];
+    block_normals<C>(block_of(blk << 2, seed, offset), n);
+    for (int j = 0; j < 4; ++j) {
+      const uint64_t idx = (blk << 2) + uint64_t(j);
+      if (idx >= idx0 && idx < idx0 + uint64_t(m)) out[idx - idx0] = n[j];
+    }
+  }
 }
 
 }  // namespace philox
