@@ -76,5 +76,13 @@ void topk_kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int
 void philox_fill(int64_t dtype, int64_t n, uint64_t seed, uintptr_t offset_ptr, uint64_t start, int64_t kind,
                  uintptr_t out);
 
+// sampling.cpp: x_t = alpha_b x0 + sigma_b eps over [B, D] rows (x0 rows at x0 + b * x0_bs; alpha,
+// sigma [B] of the compute type); eps read from `noise` (rows at noise_bs) or, when null, drawn from
+// the Philox stream (seed, *offset_ptr) at element start + b * D + d and written to noise_out when
+// that is not null. x_t and noise_out are contiguous [B, D].
+void q_sample_forward(int64_t dtype, int64_t B, int64_t D, uintptr_t x0, int64_t x0_bs, uintptr_t alpha,
+                      uintptr_t sigma, uintptr_t noise, int64_t noise_bs, uint64_t seed, uintptr_t offset_ptr,
+                      uint64_t start, uintptr_t xt, uintptr_t noise_out);
+
 }  // namespace cpu
 }  // namespace flashdistill

@@ -1,0 +1,149 @@
+"""Schedules and q_sample (issue #5): the schedules' tables against their papers' formulas, q_sample
+on every backend against the float64 spec (given noise and noise drawn in the kernel, which must be
+flashdistill.randn's stream), gradients, the NoiseSource's device-side offset, timestep samplers,
+the op contract and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import flashdistill as fd
+from flashdistill.kernels import sampling
+from flashdistill.kernels.rng import reference as rng_reference
+from oracle import assert_within_budget, backends_under_test, randn
+
+BACKENDS = [b for b in backends_under_test("cpu") if b in sampling.IMPLEMENTED]
+
+
+def test_vp_schedules():
+    lin = fd.VPSchedule()
+    torch.testing.assert_close(lin.alphas_cumprod, torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000,
+                                                                                    dtype=torch.float64), 0))
+    sd = fd.VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert abs(sd.alphas_cumprod[-1].item() - 0.0047) < 1e-4  # Stable Diffusion's final alpha_bar ~ 0.0047
+    cos = fd.VPSchedule(beta_schedule="cosine")
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for i in (0, 10, 500, 900):  # Nichol & Dhariwal: alpha_bar_t = f(t) / f(0), before the 0.999 clip binds
+        assert abs(cos.alphas_cumprod[i].item() - f(i + 1) / f(0)) < 1e-12
+    a, s = sd.coefficients(torch.tensor([0, 999, 500]))
+    torch.testing.assert_close(a**2 + s**2, torch.ones(3, dtype=torch.float64))
+
+
+def test_continuous_schedules():
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    a, s = fd.FlowSchedule(shift=3.0).coefficients(t)
+    torch.testing.assert_close(s, 3 * t / (1 + 2 * t))
+    torch.testing.assert_close(a, 1 - s)
+    a, s = fd.TrigFlowSchedule().coefficients(t)
+    torch.testing.assert_close(a, torch.cos(t))
+    edm = fd.EDMSchedule()
+    sig = edm.karras_sigmas(5)
+    assert sig.shape == (6,) and sig[0].item() == pytest.approx(80.0) and sig[4].item() == pytest.approx(0.002)
+    assert sig[-1].item() == 0.0 and bool((sig[:-1].diff() < 0).all())
+    a, s = edm.coefficients(sig[:3])
+    assert torch.equal(a, torch.ones(3, dtype=torch.float64)) and torch.equal(s, sig[:3])
+
+
+def test_timestep_samplers():
+    src = fd.NoiseSource(seed=3)
+    t = fd.uniform_timesteps(src, 1000, 20, 980)
+    assert t.dtype == torch.int64 and int(t.min()) >= 20 and int(t.max()) < 980 and t.unique().numel() > 500
+    sig = fd.lognormal_sigmas(src, 4000)
+    assert abs(sig.log().mean().item() + 1.2) < 5 * 1.2 / math.sqrt(4000)
+    u = fd.logit_normal_times(src, 100)
+    assert bool(((u > 0) & (u < 1)).all())
+    assert int(src.offset) == 3
+    src.offset.zero_()
+    assert torch.equal(fd.uniform_timesteps(src, 1000, 20, 980), t)
+
+
+def _oracle(x0, alpha, sigma, eps):
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return alpha.double().reshape(shape) * x0.double() + sigma.double().reshape(shape) * eps.double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(3, 4, 5, 7), (1, 1), (5, 1021)], ids=str)
+def test_q_sample_drawn_noise(backend, dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    x0 = randn(shape, dtype, generator=g)
+    sch = fd.VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.randint(0, 1000, (shape[0],), generator=g)
+    xt, eps = fd.q_sample(x0, t, sch, seed=11, offset=4, start=3, return_noise=True, backend=backend)
+    assert xt.dtype == dtype and eps.dtype == dtype and xt.shape == x0.shape
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    eps64 = rng_reference.normal(x0.numel(), 11, 4, 3, torch.float64).reshape(shape)
+    a, s = sch.coefficients(t)
+    ref = _oracle(x0, a, s, eps64)
+    # the spec in the compute dtype (its log / sin / cos rounded there), then in the output dtype
+    eps_cd = rng_reference.normal(x0.numel(), 11, 4, 3, cd).reshape(shape)
+    shp = (-1,) + (1,) * (x0.dim() - 1)
+    ref_dtype = (a.to(cd).reshape(shp) * x0.to(cd) + s.to(cd).reshape(shp) * eps_cd).to(dtype)
+    # x_t's two terms can cancel: the budget scales with the largest output (cancels)
+    assert_within_budget(f"q_sample {backend} {dtype}", xt, ref, ref_dtype, dtype, n_reduce=2, cancels=True)
+    assert_within_budget(f"q_sample eps {backend} {dtype}", eps, eps64, eps_cd.to(dtype), dtype, n_reduce=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_q_sample_given_noise_and_gradients(backend):
+    g = torch.Generator().manual_seed(2)
+    x0 = randn((6, 3, 9), torch.float32, generator=g)[::2]  # a batch-strided view
+    noise = randn((3, 3, 9), torch.float32, generator=g)
+    alpha = torch.tensor([0.9, 0.5, 0.07], dtype=torch.float64)
+    sigma = (1 - alpha**2).sqrt()
+    xx, nn = x0.clone().requires_grad_(True), noise.clone().requires_grad_(True)
+    xt = fd.q_sample(xx, alpha=alpha, sigma=sigma, noise=nn, backend=backend)
+    gout = randn(xt.shape, torch.float32, generator=g)
+    xt.backward(gout)
+    x6, n6 = x0.double().requires_grad_(True), noise.double().requires_grad_(True)
+    ref = _oracle(x6, alpha, sigma, n6)
+    ref.backward(gout.double())
+    assert_within_budget(f"q_sample given noise {backend}", xt, ref, ref.float(), torch.float32, n_reduce=2)
+    torch.testing.assert_close(xx.grad.double(), x6.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(nn.grad.double(), n6.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_q_sample_noise_source(backend):
+    x0 = torch.randn(2, 50)
+    src = fd.NoiseSource(seed=9)
+    a = fd.q_sample(x0, alpha=0.8, sigma=0.6, source=src, backend=backend)
+    b = fd.q_sample(x0, alpha=0.8, sigma=0.6, source=src, backend=backend)
+    assert int(src.offset) == 2 and not torch.equal(a, b)
+    torch.testing.assert_close(b, 0.8 * x0 + 0.6 * fd.randn((2, 50), seed=9, offset=1, backend="cpu"),
+                               rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_q_sample_opcheck_and_compile(backend):
+    x0 = torch.randn(3, 5, requires_grad=True)
+    a, s = torch.rand(3), torch.rand(3)
+    off = torch.tensor(2)
+    torch.library.opcheck(torch.ops.flashdistill.q_sample.default, (x0, a, s, None, 4, off, 0, True, backend))
+    torch.library.opcheck(torch.ops.flashdistill.q_sample.default,
+                          (x0, a, s, torch.randn(3, 5, requires_grad=True), 0, off, 0, False, backend))
+
+    def step(x):
+        return fd.q_sample(x, alpha=a, sigma=s, seed=4, offset=off, backend=backend)
+
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(x0), step(x0))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x: fd.q_sample(x, alpha=0.5, sigma=0.5), r"q_sample: give exactly one of noise, seed .* or source"),
+    (lambda x: fd.q_sample(x, alpha=0.5, sigma=0.5, seed=1, noise=x), r"give exactly one of noise"),
+    (lambda x: fd.q_sample(x, torch.tensor([1, 2]), seed=1), r"q_sample: t needs a schedule"),
+    (lambda x: fd.q_sample(x, seed=1), r"q_sample: needs a schedule and t, or alpha and sigma"),
+    (lambda x: fd.q_sample(x, alpha=torch.ones(3), sigma=0.5, seed=1), r"argument 'alpha' must be a float or a per-"),
+    (lambda x: fd.q_sample(x, alpha=0.5, sigma=0.5, noise=x[:, :2]), r"'noise' must match 'x0'"),
+    (lambda x: fd.q_sample(x, alpha=0.5, sigma=0.5, noise=x, return_noise=True), r"return_noise is for drawn"),
+    (lambda x: fd.q_sample(x, torch.tensor([1.0, 2.0]), fd.VPSchedule(), seed=1), r"times must be a 1-d int64"),
+    (lambda x: fd.VPSchedule(beta_schedule="sqrt"), r"beta_schedule='sqrt' is not one of"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        call(torch.randn(2, 6))
