@@ -147,3 +147,20 @@ def test_q_sample_opcheck_and_compile(backend):
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(torch.randn(2, 6))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_q_sample(backend, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x0 = torch.randn(8, 4, 33, 17, dtype=dtype, device="cuda")
+    sch = fd.VPSchedule(device="cuda")
+    t = torch.randint(0, 1000, (8,), device="cuda")
+    off = torch.tensor(3, device="cuda")
+    xt, eps = fd.q_sample(x0, t, sch, seed=1, offset=off, return_noise=True, backend=backend)
+    xr, er = fd.q_sample(x0.cpu(), t.cpu(), fd.VPSchedule(), seed=1, offset=3, return_noise=True, backend="cpu")
+    tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(eps.cpu(), er, **tol)
+    torch.testing.assert_close(xt.cpu(), xr, **tol)

@@ -30,7 +30,7 @@ from flashdistill.kernels.sampling.schedules import (EDMSchedule, FlowSchedule, 
                                                      logit_normal_times, lognormal_sigmas, uniform_timesteps)
 
 OP = "q_sample"
-IMPLEMENTED = ("reference", "cpu", "triton")
+IMPLEMENTED = ("reference", "cpu", "triton", "cuda")
 
 __all__ = ["q_sample", "VPSchedule", "EDMSchedule", "FlowSchedule", "TrigFlowSchedule", "uniform_timesteps",
            "lognormal_sigmas", "logit_normal_times"]
@@ -108,6 +108,14 @@ def _cpu_launch(x2, a, s, n2, seed, offset, start, xt, eps):
         seed, offset.data_ptr(), start, xt.data_ptr(), native.ptr(eps))
 
 
+def _cuda_launch(x2, a, s, n2, seed, offset, start, xt, eps):
+    B, D = x2.shape
+    with torch.cuda.device(x2.device):
+        native.cuda_module()[0].q_sample_forward(
+            native.DTYPE_CODES[x2.dtype], B, D, *native.row_arg(x2), a.data_ptr(), s.data_ptr(),
+            *native.row_arg(n2), seed, offset.data_ptr(), start, xt.data_ptr(), native.ptr(eps), native.stream_of(x2))
+
+
 def _triton_launch(x2, a, s, n2, seed, offset, start, xt, eps):
     from flashdistill.kernels.sampling import triton_kernel
 
@@ -116,7 +124,8 @@ def _triton_launch(x2, a, s, n2, seed, offset, start, xt, eps):
 
 _IMPLS = {"reference": _reference,
           "cpu": lambda *args: _native(*args, _cpu_launch),
-          "triton": lambda *args: _native(*args, _triton_launch)}
+          "triton": lambda *args: _native(*args, _triton_launch),
+          "cuda": lambda *args: _native(*args, _cuda_launch)}
 
 
 def _validate(x0, a, s, noise):
