@@ -12,6 +12,7 @@ import torch
 
 import flashdistill as fd
 from flashdistill.kernels import sampling
+from flashdistill.kernels.sampling import reference as sampling_reference
 from flashdistill.kernels.rng import reference as rng_reference
 from oracle import assert_within_budget, backends_under_test, randn
 
@@ -119,18 +120,75 @@ def test_q_sample_noise_source(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_q_sample_opcheck_and_compile(backend):
-    x0 = torch.randn(3, 5, requires_grad=True)
-    a, s = torch.rand(3), torch.rand(3)
+def test_affine_step_opcheck_gradcheck_and_compile(backend):
+    g = torch.Generator().manual_seed(3)
+    x, p, pu = (torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    coef = torch.rand(3, 5, generator=g, dtype=torch.float64)
     off = torch.tensor(2)
-    torch.library.opcheck(torch.ops.flashdistill.q_sample.default, (x0, a, s, None, 4, off, 0, True, backend))
-    torch.library.opcheck(torch.ops.flashdistill.q_sample.default,
-                          (x0, a, s, torch.randn(3, 5, requires_grad=True), 0, off, 0, False, backend))
+    w_t = torch.rand(3, generator=g, dtype=torch.float64)
+    op = torch.ops.flashdistill.affine_step.default
+    torch.library.opcheck(op, (x, p, pu, w_t, 1.0, coef, None, True, 4, off, 0, True, True, backend))
+    torch.library.opcheck(op, (x, p, None, None, 1.0, coef, torch.randn(3, 5, dtype=torch.float64,
+                                                                         requires_grad=True), False, 0, off, 0, True,
+                               False, backend))
+    n = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: op(a[0], a[1], a[2], w_t, 2.0, coef, a[3], False, 0, off, 0, True, False,
+                                           backend)[:2], (x, p, pu, n))
 
     def step(x):
-        return fd.q_sample(x, alpha=a, sigma=s, seed=4, offset=off, backend=backend)
+        return fd.q_sample(x, alpha=coef[:, 0], sigma=coef[:, 1], seed=4, offset=off, backend=backend)
 
-    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(x0), step(x0))
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend="aot_eager")(x), step(x))
+
+
+def _guided(cond, uncond, w, cfg="ho"):
+    w = w.reshape(-1, *([1] * (cond.dim() - 1))) if isinstance(w, torch.Tensor) else w
+    return uncond + w * (cond - uncond) if cfg == "ho" else cond + w * (cond - uncond)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_step(backend, prediction, eta):
+    g = torch.Generator().manual_seed(4)
+    B, shape = 4, (4, 3, 6, 5)
+    x, c, u = (randn(shape, torch.float32, generator=g) for _ in range(3))
+    sch = fd.VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([999, 601, 250, 20])
+    t_prev = torch.tensor([979, 501, 0, -1])
+    w = torch.tensor([7.5, 1.0, 3.0, 0.0])
+    out, x0 = fd.ddim_step(c, x, t, t_prev, sch, prediction=prediction, eta=eta, uncond=u, guidance=w, seed=8,
+                           offset=3, return_x0=True, backend=backend)
+    ab_t = sch.alphas_cumprod[t]
+    ab_p = torch.where(t_prev >= 0, sch.alphas_cumprod[t_prev.clamp(min=0)], torch.ones(B, dtype=torch.float64))
+    a, s = ab_t.sqrt(), (1 - ab_t).sqrt()
+    p = _guided(c.double(), u.double(), w.double())
+    x0_ref = fd.to_x0(p, x.double(), space=prediction, alpha=a, sigma=s) if prediction != "x0" else p
+    z = rng_reference.normal(x.numel(), 8, 3, 0, torch.float64).reshape(shape)
+    ref = sampling_reference.ddim_step(x.double(), x0_ref, ab_t, ab_p, eta, z)
+    torch.testing.assert_close(x0.double(), x0_ref, rtol=2e-5, atol=2e-5 * x0_ref.abs().max().item())
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prediction", ["x0", "eps"])
+def test_euler_and_flow_steps(backend, prediction):
+    g = torch.Generator().manual_seed(5)
+    shape = (3, 2, 7, 9)
+    x, c, u = (randn(shape, torch.float32, generator=g) for _ in range(3))
+    sig = fd.EDMSchedule().karras_sigmas(4)
+    sigma, sigma_next = sig[:3], sig[1:4]
+    out = fd.euler_step(c, x, sigma, sigma_next, prediction=prediction, uncond=u, guidance=2.5, cfg="offset",
+                        backend=backend)
+    p = _guided(c.double(), u.double(), 2.5, "offset")
+    x0 = p if prediction == "x0" else x.double() - sigma.reshape(-1, 1, 1, 1) * p
+    ref = sampling_reference.euler_step(x.double(), x0, sigma, sigma_next)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
+    s = torch.tensor([1.0, 0.6, 0.25], dtype=torch.float64)
+    s_next = torch.tensor([0.6, 0.25, 0.0], dtype=torch.float64)
+    out = fd.flow_euler_step(c, x, s, s_next, backend=backend)
+    ref = sampling_reference.flow_euler_step(x.double(), c.double(), s, s_next)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("call,match", [
@@ -143,6 +201,13 @@ def test_q_sample_opcheck_and_compile(backend):
     (lambda x: fd.q_sample(x, alpha=0.5, sigma=0.5, noise=x, return_noise=True), r"return_noise is for drawn"),
     (lambda x: fd.q_sample(x, torch.tensor([1.0, 2.0]), fd.VPSchedule(), seed=1), r"times must be a 1-d int64"),
     (lambda x: fd.VPSchedule(beta_schedule="sqrt"), r"beta_schedule='sqrt' is not one of"),
+    (lambda x: fd.ddim_step(x, x, torch.tensor([5, 5]), torch.tensor([1, 1]), fd.VPSchedule(), eta=0.5),
+     r"ddim_step: a stochastic step needs seed"),
+    (lambda x: fd.ddim_step(x, x, torch.tensor([5, 5]), torch.tensor([1.0, 1.0]), fd.VPSchedule()),
+     r"ddim_step: t_prev must be an int64 \[2\] tensor"),
+    (lambda x: fd.euler_step(x, x, 1.0, 0.5, prediction="v"), r"euler_step: prediction='v' is not one of"),
+    (lambda x: fd.euler_step(x, x, 1.0, 0.5, uncond=x), r"uncond is given but guidance is None"),
+    (lambda x: fd.flow_euler_step(x, x, 0.0, 0.5), r"flow_euler_step: sigma must be > 0"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):

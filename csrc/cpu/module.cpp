@@ -137,11 +137,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("n"), py::arg("seed"), py::arg("offset_ptr"), py::arg("start"), py::arg("kind"),
         py::arg("out"));
 
-  m.def("q_sample_forward", &fd::q_sample_forward, release(),
-        "x_t = alpha x0 + sigma eps, eps read or drawn from the Philox stream (csrc/cpu/sampling.cpp).",
-        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x0"), py::arg("x0_bs"), py::arg("alpha"),
-        py::arg("sigma"), py::arg("noise"), py::arg("noise_bs"), py::arg("seed"), py::arg("offset_ptr"),
-        py::arg("start"), py::arg("xt"), py::arg("noise_out"));
+  m.def("affine_step", &fd::affine_step, release(),
+        "The affine sampler step / noising kernel (csrc/cpu/sampling.cpp).",
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"), py::arg("p"), py::arg("p_bs"),
+        py::arg("pu"), py::arg("pu_bs"), py::arg("w_ptr"), py::arg("w"), py::arg("coef"), py::arg("noise"),
+        py::arg("noise_bs"), py::arg("draw"), py::arg("seed"), py::arg("offset_ptr"), py::arg("start"),
+        py::arg("out"), py::arg("x0_out"), py::arg("noise_out"));
 
   m.def("build_info", &build_info, "How this module was compiled: compiler, OpenMP, ISA extensions.");
   m.def("omp_max_threads", &omp_max_threads, "omp_get_max_threads() (1 without OpenMP).");

@@ -1,11 +1,19 @@
-// CPU q_sample: x_t = alpha_b x0 + sigma_b eps for [B, D] rows, eps either read or drawn inside the
-// kernel from the Philox stream (include/flashdistill/philox.h: element b * D + d + start of stream
-// (seed, *offset), the same numbers flashdistill.randn gives), optionally written out.
+// CPU affine_step: the one kernel of every first-order sampler step and of the forward noising
+// (kernels/sampling: q_sample, ddim_step, euler_step, flow_euler_step, lcm_step build its per-sample
+// coefficients; the math is in kernels/sampling/reference.py). Over [B, D] rows, per element:
+//   p   = p_u + w_b (p_c - p_u)   (classifier-free guidance, "ho" form; p = p_c without p_u;
+//                                   p = 0 without a prediction)
+//   x0  = ax_b x + ap_b p          (the model output in its parameterization, as a data prediction)
+//   z   = the given noise, or element start + b D + d of the Philox stream (seed, *offset)
+//         (include/flashdistill/philox.h; flashdistill.randn's numbers) when drawing, else 0
+//   out = kx_b x + k0_b x0 + kz_b z
+// and writes out, and x0 and the drawn z when asked. coef is [B, 5] (ax, ap, kx, k0, kz) of the
+// compute type, w a per-sample array or a scalar.
 //
-// Traffic per element (s = element size): read x0, write x_t (2 s), + s to read a given eps or to
-// write the drawn one: the floor 2 s against eager's 4-6 s (randn_like, mul, mul, add). Work: a
-// quarter Philox block and half a Box-Muller pair per element (~25 flops + a log, sqrt, sin, cos per
-// pair): compute bound on the CPU when drawing (libm's scalar log / sincos), memory bound otherwise.
+// Traffic per element (s = element size): read x and the predictions (1-3 s, + s for given noise),
+// write out (+ x0, + z): 3-4 passes for a guided deterministic step against eager's 8-14 (the
+// research notes' count for diffusers, attn_sampler.md Sec. 4.3). Work: ~10 flops, plus a quarter
+// Philox block and half a Box-Muller pair when drawing (compute bound on the CPU then).
 
 #include <algorithm>
 #include <cstdint>
@@ -21,32 +29,60 @@ namespace flashdistill {
 namespace cpu {
 namespace {
 
+struct StepArgs {
+  int64_t B, D, x_bs, p_bs, pu_bs, noise_bs;
+  uintptr_t x, p, pu, w_ptr, coef, noise, offset_ptr, out, x0_out, noise_out;
+  double w;
+  uint64_t seed, start;
+  bool draw;
+};
+
 template <typename T>
-void run(int64_t B, int64_t D, const T* x0, int64_t x0_bs, const void* alpha, const void* sigma, const T* noise,
-         int64_t noise_bs, uint64_t seed, uint64_t offset, uint64_t start, T* xt, T* noise_out) {
+void run(const StepArgs& a) {
   using C = typename Compute<T>::type;
-  const C* a = reinterpret_cast<const C*>(alpha);
-  const C* s = reinterpret_cast<const C*>(sigma);
+  const T* x = reinterpret_cast<const T*>(a.x);
+  const T* p = reinterpret_cast<const T*>(a.p);
+  const T* pu = reinterpret_cast<const T*>(a.pu);
+  const T* noise = reinterpret_cast<const T*>(a.noise);
+  const C* wv = reinterpret_cast<const C*>(a.w_ptr);
+  const C* coef = reinterpret_cast<const C*>(a.coef);
+  T* out = reinterpret_cast<T*>(a.out);
+  T* x0_out = reinterpret_cast<T*>(a.x0_out);
+  T* noise_out = reinterpret_cast<T*>(a.noise_out);
+  const uint64_t offset = a.draw ? uint64_t(*reinterpret_cast<const int64_t*>(a.offset_ptr)) : 0;
   constexpr int64_t kTileElems = 1024;
-  const int64_t n = B * D, n_tiles = (n + kTileElems - 1) / kTileElems;
+  const int64_t D = a.D, n = a.B * D, n_tiles = (n + kTileElems - 1) / kTileElems;
   const int nthr = sched::threads_for(n);
 #pragma omp parallel for num_threads(nthr) if (nthr > 1) schedule(static)
   for (int64_t ti = 0; ti < n_tiles; ++ti) {
     const int64_t i0 = ti * kTileElems, m = std::min(kTileElems, n - i0);
-    C eps[kTileElems];
-    if (!noise) philox::normals<C>(start + uint64_t(i0), m, seed, offset, eps);
+    C z[kTileElems];
+    if (a.draw) philox::normals<C>(a.start + uint64_t(i0), m, a.seed, offset, z);
     for (int64_t k = 0; k < m;) {  // the tile's segments, one per row it touches
       const int64_t flat = i0 + k, b = flat / D, d0 = flat - b * D, len = std::min(m - k, D - d0);
-      const C ab = a[b], sb = s[b];
-      const T* xr = x0 + b * x0_bs + d0;
-      T* out = xt + b * D + d0;
-      if (noise) {
-        const T* er = noise + b * noise_bs + d0;
-        for (int64_t j = 0; j < len; ++j) store(out, j, ab * C(load(xr, j)) + sb * C(load(er, j)));
-      } else {
-        for (int64_t j = 0; j < len; ++j) store(out, j, ab * C(load(xr, j)) + sb * eps[k + j]);
-        if (noise_out)
-          for (int64_t j = 0; j < len; ++j) store(noise_out + b * D + d0, j, eps[k + j]);
+      const C ax = coef[5 * b], ap = coef[5 * b + 1], kx = coef[5 * b + 2], k0 = coef[5 * b + 3];
+      const C kz = coef[5 * b + 4];
+      const C w = wv ? wv[b] : C(a.w);
+      const T* xr = x + b * a.x_bs + d0;
+      const T* pr = p ? p + b * a.p_bs + d0 : nullptr;
+      const T* pur = pu ? pu + b * a.pu_bs + d0 : nullptr;
+      const T* nr = noise ? noise + b * a.noise_bs + d0 : nullptr;
+      const int64_t o = b * D + d0;
+      for (int64_t j = 0; j < len; ++j) {
+        const C xv = load(xr, j);
+        C pv = C(0);
+        if (pr) {
+          pv = load(pr, j);
+          if (pur) {
+            const C u = load(pur, j);
+            pv = u + w * (pv - u);
+          }
+        }
+        const C x0 = ax * xv + ap * pv;
+        const C zv = nr ? C(load(nr, j)) : (a.draw ? z[k + j] : C(0));
+        store(out, o + j, kx * xv + k0 * x0 + kz * zv);
+        if (x0_out) store(x0_out, o + j, x0);
+        if (noise_out) store(noise_out, o + j, zv);
       }
       k += len;
     }
@@ -55,17 +91,15 @@ void run(int64_t B, int64_t D, const T* x0, int64_t x0_bs, const void* alpha, co
 
 }  // namespace
 
-void q_sample_forward(int64_t dtype, int64_t B, int64_t D, uintptr_t x0, int64_t x0_bs, uintptr_t alpha,
-                      uintptr_t sigma, uintptr_t noise, int64_t noise_bs, uint64_t seed, uintptr_t offset_ptr,
-                      uint64_t start, uintptr_t xt, uintptr_t noise_out) {
+void affine_step(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs, uintptr_t p, int64_t p_bs,
+                 uintptr_t pu, int64_t pu_bs, uintptr_t w_ptr, double w, uintptr_t coef, uintptr_t noise,
+                 int64_t noise_bs, bool draw, uint64_t seed, uintptr_t offset_ptr, uint64_t start, uintptr_t out,
+                 uintptr_t x0_out, uintptr_t noise_out) {
   if (B <= 0 || D <= 0) return;
-  const uint64_t offset = noise ? 0 : uint64_t(*reinterpret_cast<const int64_t*>(offset_ptr));
-  sched::dispatch_dtype(dtype, "q_sample", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    run<T>(B, D, reinterpret_cast<const T*>(x0), x0_bs, reinterpret_cast<const void*>(alpha),
-           reinterpret_cast<const void*>(sigma), reinterpret_cast<const T*>(noise), noise_bs, seed, offset, start,
-           reinterpret_cast<T*>(xt), reinterpret_cast<T*>(noise_out));
-  });
+  if (draw && noise) throw std::invalid_argument("affine_step: draw and a given noise are exclusive");
+  const StepArgs a{B, D, x_bs, p_bs, pu_bs, noise_bs, x, p, pu, w_ptr, coef, noise, offset_ptr, out, x0_out,
+                   noise_out, w, seed, start, draw};
+  sched::dispatch_dtype(dtype, "affine_step", [&](auto tag) { run<typename decltype(tag)::type>(a); });
 }
 
 }  // namespace cpu

@@ -102,12 +102,14 @@ void philox_fill(int64_t dtype, int64_t n, uint64_t seed, uintptr_t offset, uint
                         ptr<CUstream_st>(stream));
 }
 
-void q_sample_forward(int64_t dtype, int64_t B, int64_t D, uintptr_t x0, int64_t x0_bs, uintptr_t alpha,
-                      uintptr_t sigma, uintptr_t noise, int64_t noise_bs, uint64_t seed, uintptr_t offset,
-                      uint64_t start, uintptr_t xt, uintptr_t noise_out, uintptr_t stream) {
-  gpu::q_sample_cuda(dtype, B, D, ptr<const void>(x0), x0_bs, ptr<const void>(alpha), ptr<const void>(sigma),
-                     ptr<const void>(noise), noise_bs, seed, ptr<const void>(offset), start, ptr<void>(xt),
-                     ptr<void>(noise_out), ptr<CUstream_st>(stream));
+void affine_step(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs, uintptr_t p, int64_t p_bs,
+                 uintptr_t pu, int64_t pu_bs, uintptr_t w_ptr, double w, uintptr_t coef, uintptr_t noise,
+                 int64_t noise_bs, bool draw, uint64_t seed, uintptr_t offset, uint64_t start, uintptr_t out,
+                 uintptr_t x0_out, uintptr_t noise_out, uintptr_t stream) {
+  gpu::affine_step_cuda(dtype, B, D, ptr<const void>(x), x_bs, ptr<const void>(p), p_bs, ptr<const void>(pu), pu_bs,
+                        ptr<const void>(w_ptr), w, ptr<const void>(coef), ptr<const void>(noise), noise_bs, draw, seed,
+                        ptr<const void>(offset), start, ptr<void>(out), ptr<void>(x0_out), ptr<void>(noise_out),
+                        ptr<CUstream_st>(stream));
 }
 
 py::dict build_info() {
@@ -152,11 +154,12 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("philox_fill", &philox_fill, release(), "Philox4x32-10 stream: bits, uniforms or normals (csrc/cuda/rng.cu).",
         py::arg("dtype"), py::arg("n"), py::arg("seed"), py::arg("offset_ptr"), py::arg("start"), py::arg("kind"),
         py::arg("out"), py::arg("stream"));
-  m.def("q_sample_forward", &q_sample_forward, release(),
-        "x_t = alpha x0 + sigma eps, eps read or drawn from the Philox stream (csrc/cuda/sampling.cu).",
-        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x0"), py::arg("x0_bs"), py::arg("alpha"),
-        py::arg("sigma"), py::arg("noise"), py::arg("noise_bs"), py::arg("seed"), py::arg("offset_ptr"),
-        py::arg("start"), py::arg("xt"), py::arg("noise_out"), py::arg("stream"));
+  m.def("affine_step", &affine_step, release(),
+        "The affine sampler step / noising kernel (csrc/cuda/sampling.cu).",
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"), py::arg("p"), py::arg("p_bs"),
+        py::arg("pu"), py::arg("pu_bs"), py::arg("w_ptr"), py::arg("w"), py::arg("coef"), py::arg("noise"),
+        py::arg("noise_bs"), py::arg("draw"), py::arg("seed"), py::arg("offset_ptr"), py::arg("start"),
+        py::arg("out"), py::arg("x0_out"), py::arg("noise_out"), py::arg("stream"));
   m.def("score_diff_forward", &score_diff_forward,
         py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
         py::arg("a"), py::arg("a_bs"), py::arg("a_u"), py::arg("a_u_bs"), py::arg("wa_ptr"), py::arg("wa"),

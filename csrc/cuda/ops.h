@@ -124,11 +124,12 @@ void topk_kd_forward_cuda(int64_t dtype, int64_t N, int64_t V, const void* stude
 void philox_fill_cuda(int64_t dtype, int64_t n, uint64_t seed, const void* offset, uint64_t start, int64_t kind,
                       void* out, CUstream_st* stream);
 
-// ---- noising (sampling.cu) -------------------------------------------------------------------------
-// q_sample, the CPU q_sample_forward's contract (csrc/cpu/ops.h).
-void q_sample_cuda(int64_t dtype, int64_t B, int64_t D, const void* x0, int64_t x0_bs, const void* alpha,
-                   const void* sigma, const void* noise, int64_t noise_bs, uint64_t seed, const void* offset,
-                   uint64_t start, void* xt, void* noise_out, CUstream_st* stream);
+// ---- sampler steps and noising (sampling.cu) ----------------------------------------------------
+// affine_step, the CPU affine_step's contract (csrc/cpu/ops.h, csrc/cpu/sampling.cpp).
+void affine_step_cuda(int64_t dtype, int64_t B, int64_t D, const void* x, int64_t x_bs, const void* p, int64_t p_bs,
+                      const void* pu, int64_t pu_bs, const void* w_ptr, double w, const void* coef,
+                      const void* noise, int64_t noise_bs, bool draw, uint64_t seed, const void* offset,
+                      uint64_t start, void* out, void* x0_out, void* noise_out, CUstream_st* stream);
 
 }  // namespace gpu
 }  // namespace flashdistill

@@ -1,7 +1,7 @@
-// q_sample on the GPU: csrc/cpu/sampling.cpp's contract. One thread per Philox block (4 flat
-// elements of the [B, D] tensor), grid-stride; eps read or drawn from the stream (philox.h) and
-// written when asked. Traffic per element: read x0, write x_t (+ eps); compile-checked, never run
-// here (no GPU has run this file yet).
+// affine_step on the GPU: csrc/cpu/sampling.cpp's contract (the top comment there has the math). One
+// thread per Philox block (4 flat elements of the [B, D] tensor), grid-stride; z given, drawn from the
+// stream (philox.h) or 0. Traffic per element: read x and the predictions (+ z), write out (+ x0, z).
+// Compile-checked; never run here (no GPU has run this file yet).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -18,51 +18,78 @@ namespace {
 
 constexpr int kThreads = 256;
 
+struct StepArgs {
+  int64_t B, D, x_bs, p_bs, pu_bs, noise_bs;
+  const void *x, *p, *pu, *w_ptr, *coef, *noise;
+  const int64_t* offset_ptr;
+  void *out, *x0_out, *noise_out;
+  double w;
+  uint64_t seed, start;
+  bool draw;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads) q_sample_kernel(int64_t B, int64_t D, const T* __restrict__ x0,
-                                                            int64_t x0_bs, const void* alpha, const void* sigma,
-                                                            const T* __restrict__ noise, int64_t noise_bs,
-                                                            uint64_t seed, const int64_t* offset_ptr, uint64_t start,
-                                                            T* __restrict__ xt, T* __restrict__ noise_out) {
+__global__ void __launch_bounds__(kThreads) affine_step_kernel(StepArgs a) {
   using C = typename Compute<T>::type;
-  const C* a = reinterpret_cast<const C*>(alpha);
-  const C* s = reinterpret_cast<const C*>(sigma);
-  const uint64_t n = uint64_t(B) * uint64_t(D);
-  const uint64_t offset = noise ? 0 : uint64_t(*offset_ptr);
-  const uint64_t first = start >> 2, last = (start + n + 3) >> 2;
+  using rowwise::FromC;
+  using rowwise::to_c;
+  const T* x = reinterpret_cast<const T*>(a.x);
+  const T* p = reinterpret_cast<const T*>(a.p);
+  const T* pu = reinterpret_cast<const T*>(a.pu);
+  const T* noise = reinterpret_cast<const T*>(a.noise);
+  const C* wv = reinterpret_cast<const C*>(a.w_ptr);
+  const C* coef = reinterpret_cast<const C*>(a.coef);
+  T* out = reinterpret_cast<T*>(a.out);
+  T* x0_out = reinterpret_cast<T*>(a.x0_out);
+  T* noise_out = reinterpret_cast<T*>(a.noise_out);
+  const uint64_t n = uint64_t(a.B) * uint64_t(a.D);
+  const uint64_t offset = a.draw ? uint64_t(*a.offset_ptr) : 0;
+  const uint64_t first = a.start >> 2, last = (a.start + n + 3) >> 2;
   for (uint64_t blk = first + blockIdx.x * uint64_t(kThreads) + threadIdx.x; blk < last;
        blk += uint64_t(gridDim.x) * kThreads) {
-    C eps[4] = {C(0), C(0), C(0), C(0)};
-    if (!noise) philox::block_normals<C>(philox::block_of(blk << 2, seed, offset), eps);
+    C z[4] = {C(0), C(0), C(0), C(0)};
+    if (a.draw) philox::block_normals<C>(philox::block_of(blk << 2, a.seed, offset), z);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint64_t idx = (blk << 2) + uint64_t(j);
-      if (idx < start || idx >= start + n) continue;
-      const int64_t f = int64_t(idx - start), b = f / D, d = f - b * D;
-      const C e = noise ? C(rowwise::to_c(noise[b * noise_bs + d])) : eps[j];
-      xt[f] = rowwise::FromC<T>::cvt(a[b] * C(rowwise::to_c(x0[b * x0_bs + d])) + s[b] * e);
-      if (noise_out) noise_out[f] = rowwise::FromC<T>::cvt(e);
+      if (idx < a.start || idx >= a.start + n) continue;
+      const int64_t f = int64_t(idx - a.start), b = f / a.D, d = f - b * a.D;
+      const C* cb = coef + 5 * b;
+      const C xv = C(to_c(x[b * a.x_bs + d]));
+      C pv = C(0);
+      if (p) {
+        pv = C(to_c(p[b * a.p_bs + d]));
+        if (pu) {
+          const C u = C(to_c(pu[b * a.pu_bs + d])), w = wv ? wv[b] : C(a.w);
+          pv = u + w * (pv - u);
+        }
+      }
+      const C x0 = cb[0] * xv + cb[1] * pv;
+      const C zv = noise ? C(to_c(noise[b * a.noise_bs + d])) : z[j];
+      out[f] = FromC<T>::cvt(cb[2] * xv + cb[3] * x0 + cb[4] * zv);
+      if (x0_out) x0_out[f] = FromC<T>::cvt(x0);
+      if (noise_out) noise_out[f] = FromC<T>::cvt(zv);
     }
   }
 }
 
 }  // namespace
 
-void q_sample_cuda(int64_t dtype, int64_t B, int64_t D, const void* x0, int64_t x0_bs, const void* alpha,
-                   const void* sigma, const void* noise, int64_t noise_bs, uint64_t seed, const void* offset,
-                   uint64_t start, void* xt, void* noise_out, CUstream_st* stream) {
+void affine_step_cuda(int64_t dtype, int64_t B, int64_t D, const void* x, int64_t x_bs, const void* p, int64_t p_bs,
+                      const void* pu, int64_t pu_bs, const void* w_ptr, double w, const void* coef,
+                      const void* noise, int64_t noise_bs, bool draw, uint64_t seed, const void* offset,
+                      uint64_t start, void* out, void* x0_out, void* noise_out, CUstream_st* stream) {
   if (B <= 0 || D <= 0) return;
+  if (draw && noise) rowwise::bad_arg("affine_step", "draw and a given noise are exclusive");
   const uint64_t n = uint64_t(B) * uint64_t(D);
   const uint64_t blocks = (((start + n + 3) >> 2) - (start >> 2) + kThreads - 1) / kThreads;
   const int grid = int(blocks < 8192 ? blocks : 8192);
-  rowwise::with_dtype(dtype, "q_sample", [&](auto tag) {
-    using T = decltype(tag);
-    q_sample_kernel<T><<<grid, kThreads, 0, stream>>>(B, D, reinterpret_cast<const T*>(x0), x0_bs, alpha, sigma,
-                                                      reinterpret_cast<const T*>(noise), noise_bs, seed,
-                                                      reinterpret_cast<const int64_t*>(offset), start,
-                                                      reinterpret_cast<T*>(xt), reinterpret_cast<T*>(noise_out));
+  const StepArgs a{B, D, x_bs, p_bs, pu_bs, noise_bs, x, p, pu, w_ptr, coef, noise,
+                   reinterpret_cast<const int64_t*>(offset), out, x0_out, noise_out, w, seed, start, draw};
+  rowwise::with_dtype(dtype, "affine_step", [&](auto tag) {
+    affine_step_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(a);
   });
-  rowwise::check_launch("q_sample", "q_sample_kernel");
+  rowwise::check_launch("affine_step", "affine_step_kernel");
 }
 
 }  // namespace gpu

@@ -1,0 +1,126 @@
+"""First-order sampler steps as one fused kernel each (affine_step; the formulas as their papers write
+them are in reference.py, which the tests hold these to).
+
+Every step here is affine in (x, x0_hat, z): x_next = kx x + k0 x0_hat + kz z, with x0_hat = ax x + ap p
+the model output p (after classifier-free guidance) converted from its parameterization, so the
+per-sample coefficients are computed here on the device in float64 ([B] vectors: no host sync, and
+per-sample timesteps as distillation training needs) and the kernel reads x and the predictions
+once and writes x_next once (and x0_hat when asked, for LCM / DMD / DPM-Solver history).
+
+    ddim_step(model_output, x, t, t_prev, schedule, *, prediction="eps", eta=0.0, ...)
+    euler_step(model_output, x, sigma, sigma_next, *, prediction="x0", ...)        EDM / VE
+    flow_euler_step(model_output, x, sigma, sigma_next, ...)                      rectified flow
+
+Shared keyword options: ``uncond`` and ``guidance`` (classifier-free guidance on the model output,
+``cfg="ho"`` uncond + w (cond - uncond) or ``"offset"`` cond + w (cond - uncond); w a float or [B]),
+``return_x0``, ``backend``; a stochastic step (DDIM with eta > 0) draws its noise from ``source`` (a
+NoiseSource) or ``seed`` / ``offset`` (flashdistill.randn's stream).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from flashdistill.kernels import backends, checks, params
+from flashdistill.kernels.rng import _offset_tensor
+
+
+def _run(op, model_output, x, ax, ap, kx, k0, kz, *, uncond, guidance, cfg, seed, offset, source, return_x0,
+         backend):
+    checks.tensor(op, "x", x, min_dim=2)
+    checks.like(op, "model_output", model_output, "x", x)
+    if uncond is not None:
+        checks.like(op, "uncond", uncond, "x", x)
+    w_t, w = params.guidance_arg(op, "guidance", guidance, uncond, "uncond", cfg, x)
+    cd = checks.compute_dtype(x.dtype)
+    coef = torch.stack([ax, ap, kx, k0, kz], 1).to(cd)
+    stochastic = source is not None or seed is not None
+    if stochastic:
+        if source is not None and seed is not None:
+            raise ValueError(f"{op}: give seed (with offset) or source, not both")
+        if source is not None:
+            seed, off = source.seed, source.offset
+        else:
+            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+                raise ValueError(f"{op}: seed must be an int in [0, 2^63), got {seed!r}")
+            off = _offset_tensor(offset, x.device)
+    else:
+        seed, off = 0, torch.zeros((), dtype=torch.int64, device=x.device)
+    from flashdistill.kernels.sampling import IMPLEMENTED
+
+    backend = backends.requested(op, backend, x.device, IMPLEMENTED)
+    out, x0, _ = torch.ops.flashdistill.affine_step(x, model_output, uncond, w_t, w, coef, None, stochastic, seed, off,
+                                                    0, return_x0, False, backend)
+    if source is not None:
+        source.offset.add_(1)
+    return (out, x0) if return_x0 else out
+
+
+def _needs_noise(op, stochastic: bool, seed, source):
+    if stochastic and seed is None and source is None:
+        raise ValueError(f"{op}: a stochastic step needs seed (with offset) or source for its noise")
+
+
+def ddim_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedule, *, prediction: str = "eps",
+              eta: float = 0.0, uncond: Optional[Tensor] = None, guidance=None, cfg: str = "ho",
+              seed: Optional[int] = None, offset=0, source=None, return_x0: bool = False,
+              backend: Optional[str] = None):
+    """DDIM (Song et al. 2021) from timesteps t to t_prev (int64 [B]; t_prev = -1 means alpha_bar = 1,
+    the final step) on a VPSchedule; eta > 0 adds the Eq. 16 noise (eta = 1: DDPM's posterior variance)."""
+    op = "ddim_step"
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
+        raise ValueError(f"{op}: eta must be a float >= 0, got {eta!r}")
+    _needs_noise(op, eta > 0, seed, source)
+    for name, v in (("t", t), ("t_prev", t_prev)):
+        if not isinstance(v, Tensor) or v.dtype != torch.int64 or v.shape != (x.shape[0],) or v.device != x.device:
+            raise ValueError(f"{op}: {name} must be an int64 [{x.shape[0]}] tensor on {x.device}")
+    table = schedule.alphas_cumprod
+    ab_t = table.gather(0, t)
+    ab_p = torch.where(t_prev >= 0, table.gather(0, t_prev.clamp(min=0)), torch.ones_like(ab_t))
+    a_t, s_t = ab_t.sqrt(), (1 - ab_t).sqrt()
+    ax, ap = params.x0_coefficients(op, prediction, a_t, s_t, x.shape[0], x.device)
+    s = eta * torch.sqrt((1 - ab_p) / (1 - ab_t)) * torch.sqrt(1 - ab_t / ab_p)
+    c = torch.sqrt((1 - ab_p - s**2).clamp(min=0))
+    kx = c / s_t
+    k0 = ab_p.sqrt() - c * a_t / s_t
+    return _run(op, model_output, x, ax, ap, kx, k0, s, uncond=uncond, guidance=guidance, cfg=cfg,
+                seed=seed if eta > 0 else None, offset=offset, source=source if eta > 0 else None,
+                return_x0=return_x0, backend=backend)
+
+
+def euler_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, prediction: str = "x0",
+               uncond: Optional[Tensor] = None, guidance=None, cfg: str = "ho", return_x0: bool = False,
+               backend: Optional[str] = None):
+    """Euler (Karras et al. 2022) on x = x0 + sigma eps: x_next = x + (sigma_next - sigma)(x - x0_hat) / sigma.
+    prediction "x0" (the EDM denoiser D) or "eps" (x0_hat = x - sigma eps)."""
+    op = "euler_step"
+    B = x.shape[0]
+    sig = params.per_sample_schedule(op, "sigma", sigma, B, x.device)
+    nxt = params.per_sample_schedule(op, "sigma_next", sigma_next, B, x.device)
+    if prediction == "x0":
+        ax, ap = torch.zeros_like(sig), torch.ones_like(sig)
+    elif prediction == "eps":
+        ax, ap = torch.ones_like(sig), -sig
+    else:
+        raise ValueError(f"{op}: prediction={prediction!r} is not one of x0, eps (VE form)")
+    r = nxt / sig
+    return _run(op, model_output, x, ax, ap, r, 1 - r, torch.zeros_like(sig), uncond=uncond, guidance=guidance,
+                cfg=cfg, seed=None, offset=0, source=None, return_x0=return_x0, backend=backend)
+
+
+def flow_euler_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, uncond: Optional[Tensor] = None,
+                    guidance=None, cfg: str = "ho", return_x0: bool = False, backend: Optional[str] = None):
+    """Rectified-flow Euler: x_next = x + (sigma_next - sigma) v_hat, v_hat the (guided) velocity; as an
+    affine step with x0_hat = x - sigma v_hat: x_next = (sigma_next / sigma) x + (1 - sigma_next / sigma) x0_hat."""
+    op = "flow_euler_step"
+    B = x.shape[0]
+    sig = params.per_sample_schedule(op, "sigma", sigma, B, x.device)
+    nxt = params.per_sample_schedule(op, "sigma_next", sigma_next, B, x.device)
+    if bool((sig <= 0).any()) if sig.device.type == "cpu" else False:
+        raise ValueError(f"{op}: sigma must be > 0 (the step divides by it)")
+    r = nxt / sig
+    return _run(op, model_output, x, torch.ones_like(sig), -sig, r, 1 - r, torch.zeros_like(sig), uncond=uncond,
+                guidance=guidance, cfg=cfg, seed=None, offset=0, source=None, return_x0=return_x0, backend=backend)
