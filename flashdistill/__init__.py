@@ -12,6 +12,9 @@ Public API (every op takes ``backend=``; see ``flashdistill.kernels.backends``):
     language-model logit distillation (forward/reverse KL, JSD, skew KL, TVD, mixed)
         kd_loss (logits), fused_linear_kd_loss (hidden states and LM head, chunked),
         topk_kd_loss (stored top-k teachers)
+    noise and sampling: randn, rand, philox_bits, NoiseSource (one Philox stream on every backend);
+        VPSchedule, EDMSchedule, FlowSchedule, TrigFlowSchedule, uniform_timesteps, lognormal_sigmas,
+        logit_normal_times; q_sample, ddim_step, euler_step, flow_euler_step (fused, guidance inside)
 
 Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++/OpenMP), ``triton``, ``cuda`` (C++).
 ``flashdistill.use_backend(name)`` and ``FLASHDISTILL_BACKEND`` set the default; ``auto`` picks the
