@@ -8,6 +8,9 @@
 // predicted for bits on one core, so ~1 GB/s of float32 normals per core -- far below bandwidth; the
 // samplers fuse the generation into their step so that no noise tensor is ever written.
 
+// fp-contract=off: the bits do not depend on the instruction set (no FMAs where -march has them).
+#pragma GCC optimize("fp-contract=off", "no-trapping-math")
+
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -15,6 +18,7 @@
 
 #include "flashdistill/common.h"
 #include "flashdistill/cpu_sched.h"
+#include "flashdistill/cpu_noise.h"
 #include "flashdistill/philox.h"
 #include "ops.h"
 
@@ -35,7 +39,7 @@ void fill(int64_t n, uint64_t seed, uint64_t offset, uint64_t start, int64_t kin
     const int64_t i0 = ti * kTileElems, m = std::min(kTileElems, n - i0);
     C v[kTileElems];
     if (kind == kNormal) {
-      philox::normals<C>(start + uint64_t(i0), m, seed, offset, v);
+      cpu_noise::normals(start + uint64_t(i0), m, seed, offset, v);
     } else {
       for (uint64_t blk = (start + uint64_t(i0)) >> 2; (blk << 2) < start + uint64_t(i0 + m); ++blk) {
         const philox::Block b = philox::block_of(blk << 2, seed, offset);

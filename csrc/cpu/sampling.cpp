@@ -15,6 +15,9 @@
 // research notes' count for diffusers, attn_sampler.md Sec. 4.3). Work: ~10 flops, plus a quarter
 // Philox block and half a Box-Muller pair when drawing (compute bound on the CPU then).
 
+// fp-contract=off: the bits do not depend on the instruction set (no FMAs where -march has them).
+#pragma GCC optimize("fp-contract=off", "no-trapping-math")
+
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -22,6 +25,7 @@
 
 #include "flashdistill/common.h"
 #include "flashdistill/cpu_sched.h"
+#include "flashdistill/cpu_noise.h"
 #include "flashdistill/philox.h"
 #include "ops.h"
 
@@ -57,7 +61,7 @@ void run(const StepArgs& a) {
   for (int64_t ti = 0; ti < n_tiles; ++ti) {
     const int64_t i0 = ti * kTileElems, m = std::min(kTileElems, n - i0);
     C z[kTileElems];
-    if (a.draw) philox::normals<C>(a.start + uint64_t(i0), m, a.seed, offset, z);
+    if (a.draw) cpu_noise::normals(a.start + uint64_t(i0), m, a.seed, offset, z);
     for (int64_t k = 0; k < m;) {  // the tile's segments, one per row it touches
       const int64_t flat = i0 + k, b = flat / D, d0 = flat - b * D, len = std::min(m - k, D - d0);
       const C ax = coef[5 * b], ap = coef[5 * b + 1], kx = coef[5 * b + 2], k0 = coef[5 * b + 3];
@@ -68,22 +72,35 @@ void run(const StepArgs& a) {
       const T* pur = pu ? pu + b * a.pu_bs + d0 : nullptr;
       const T* nr = noise ? noise + b * a.noise_bs + d0 : nullptr;
       const int64_t o = b * D + d0;
-      for (int64_t j = 0; j < len; ++j) {
-        const C xv = load(xr, j);
-        C pv = C(0);
-        if (pr) {
-          pv = load(pr, j);
-          if (pur) {
-            const C u = load(pur, j);
-            pv = u + w * (pv - u);
+      // branch-free passes over the segment (each vectorizes): the guided prediction, the noise, out
+      C pv[kTileElems], zv[kTileElems], x0[kTileElems];
+      if (pr) {
+        for (int64_t j = 0; j < len; ++j) pv[j] = C(load(pr, j));
+        if (pur)
+          for (int64_t j = 0; j < len; ++j) {
+            const C u = C(load(pur, j));
+            pv[j] = u + w * (pv[j] - u);
           }
-        }
-        const C x0 = ax * xv + ap * pv;
-        const C zv = nr ? C(load(nr, j)) : (a.draw ? z[k + j] : C(0));
-        store(out, o + j, kx * xv + k0 * x0 + kz * zv);
-        if (x0_out) store(x0_out, o + j, x0);
-        if (noise_out) store(noise_out, o + j, zv);
+      } else {
+        for (int64_t j = 0; j < len; ++j) pv[j] = C(0);
       }
+      if (nr) {
+        for (int64_t j = 0; j < len; ++j) zv[j] = C(load(nr, j));
+      } else if (a.draw) {
+        for (int64_t j = 0; j < len; ++j) zv[j] = z[k + j];
+      } else {
+        for (int64_t j = 0; j < len; ++j) zv[j] = C(0);
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        const C xv = C(load(xr, j));
+        x0[j] = ax * xv + ap * pv[j];
+        pv[j] = kx * xv + k0 * x0[j] + kz * zv[j];  // pv now holds out
+      }
+      for (int64_t j = 0; j < len; ++j) store(out, o + j, pv[j]);
+      if (x0_out)
+        for (int64_t j = 0; j < len; ++j) store(x0_out, o + j, x0[j]);
+      if (noise_out)
+        for (int64_t j = 0; j < len; ++j) store(noise_out, o + j, zv[j]);
       k += len;
     }
   }
