@@ -171,6 +171,28 @@ def test_ddim_step(backend, prediction, eta):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("step", ["ddpm", "lcm"])
+def test_ddpm_and_lcm_steps(backend, step):
+    g = torch.Generator().manual_seed(6)
+    shape = (4, 2, 5, 7)
+    x, c, u = (randn(shape, torch.float32, generator=g) for _ in range(3))
+    sch = fd.VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([999, 759, 499, 259])
+    t_prev = torch.tensor([759, 499, 259, -1])
+    fn = fd.ddpm_step if step == "ddpm" else fd.lcm_step
+    out = fn(c, x, t, t_prev, sch, prediction="v", uncond=u, guidance=torch.tensor([1.0, 2.0, 3.0, 4.0]), seed=2,
+             offset=5, backend=backend)
+    ab_t = sch.alphas_cumprod[t]
+    ab_p = torch.where(t_prev >= 0, sch.alphas_cumprod[t_prev.clamp(min=0)], torch.ones(4, dtype=torch.float64))
+    p = _guided(c.double(), u.double(), torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    x0 = fd.to_x0(p, x.double(), space="v", alpha=ab_t.sqrt(), sigma=(1 - ab_t).sqrt())
+    z = rng_reference.normal(x.numel(), 2, 5, 0, torch.float64).reshape(shape)
+    ref = sampling_reference.ddpm_step(x.double(), x0, ab_t, ab_p, z) if step == "ddpm" else \
+        sampling_reference.lcm_step(x.double(), x0, t, ab_p, z)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("prediction", ["x0", "eps"])
 def test_euler_and_flow_steps(backend, prediction):
     g = torch.Generator().manual_seed(5)

@@ -219,6 +219,7 @@ def _backward(ctx, g_out, g_x0, g_z):
 _step_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-from flashdistill.kernels.sampling.steps import ddim_step, euler_step, flow_euler_step  # noqa: E402
+from flashdistill.kernels.sampling.steps import (ddim_step, ddpm_step, euler_step, flow_euler_step,  # noqa: E402
+                                                 lcm_step)
 
-__all__ += ["ddim_step", "euler_step", "flow_euler_step"]
+__all__ += ["ddim_step", "ddpm_step", "euler_step", "flow_euler_step", "lcm_step"]

@@ -42,3 +42,26 @@ def flow_euler_step(x, v_hat, sigma, sigma_next):
     """Rectified-flow Euler (SD3 / Flux samplers): x_next = x + (sigma_next - sigma) v_hat, v the
     predicted velocity eps - x0."""
     return x + _b(sigma_next - sigma, x) * v_hat
+
+
+def ddpm_step(x, x0_hat, abar_t, abar_prev, z):
+    """DDPM ancestral step (Ho et al. 2020, Eq. 6-7, with alpha_t = abar_t / abar_prev for strided
+    timesteps as diffusers does): mu = sqrt(abar_prev) beta / (1 - abar_t) x0_hat
+    + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x, x_prev = mu + sigma z, sigma^2 = (1 - abar_prev)
+    / (1 - abar_t) beta ("fixed_small"), beta = 1 - alpha_t."""
+    alpha_t = abar_t / abar_prev
+    beta = 1 - alpha_t
+    mu = (_b(abar_prev.sqrt() * beta / (1 - abar_t), x) * x0_hat
+          + _b(alpha_t.sqrt() * (1 - abar_prev) / (1 - abar_t), x) * x)
+    return mu + _b(torch.sqrt((1 - abar_prev) / (1 - abar_t) * beta), x) * z
+
+
+def lcm_step(x, x0_hat, t, abar_prev, z, *, timestep_scaling=10.0, sigma_data=0.5):
+    """LCM multistep (Luo et al. 2023; the boundary-condition scalings of consistency models, Song et al.
+    2023): denoised = c_skip x + c_out x0_hat with c_skip = sigma_d^2 / ((s t)^2 + sigma_d^2), c_out =
+    s t / sqrt((s t)^2 + sigma_d^2); x_prev = sqrt(abar_prev) denoised + sqrt(1 - abar_prev) z."""
+    st = timestep_scaling * t.to(torch.float64)
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / torch.sqrt(st**2 + sigma_data**2)
+    denoised = _b(c_skip, x) * x + _b(c_out, x) * x0_hat
+    return _b(abar_prev.sqrt(), x) * denoised + _b((1 - abar_prev).sqrt(), x) * z

@@ -8,6 +8,8 @@ per-sample timesteps as distillation training needs) and the kernel reads x and 
 once and writes x_next once (and x0_hat when asked, for LCM / DMD / DPM-Solver history).
 
     ddim_step(model_output, x, t, t_prev, schedule, *, prediction="eps", eta=0.0, ...)
+    ddpm_step(model_output, x, t, t_prev, schedule, *, prediction="eps", ...)       ancestral
+    lcm_step(model_output, x, t, t_prev, schedule, *, prediction="eps", ...)        LCM multistep
     euler_step(model_output, x, sigma, sigma_next, *, prediction="x0", ...)        EDM / VE
     flow_euler_step(model_output, x, sigma, sigma_next, ...)                      rectified flow
 
@@ -89,6 +91,58 @@ def ddim_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedu
     return _run(op, model_output, x, ax, ap, kx, k0, s, uncond=uncond, guidance=guidance, cfg=cfg,
                 seed=seed if eta > 0 else None, offset=offset, source=source if eta > 0 else None,
                 return_x0=return_x0, backend=backend)
+
+
+def _vp_pair(op, x, t, t_prev, schedule):
+    """(abar_t, abar_prev) [B] float64 from int64 timesteps; t_prev = -1 means abar_prev = 1."""
+    for name, v in (("t", t), ("t_prev", t_prev)):
+        if not isinstance(v, Tensor) or v.dtype != torch.int64 or v.shape != (x.shape[0],) or v.device != x.device:
+            raise ValueError(f"{op}: {name} must be an int64 [{x.shape[0]}] tensor on {x.device}")
+    table = schedule.alphas_cumprod
+    ab_t = table.gather(0, t)
+    ab_p = torch.where(t_prev >= 0, table.gather(0, t_prev.clamp(min=0)), torch.ones_like(ab_t))
+    return ab_t, ab_p
+
+
+def ddpm_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedule, *, prediction: str = "eps",
+              uncond: Optional[Tensor] = None, guidance=None, cfg: str = "ho", seed: Optional[int] = None, offset=0,
+              source=None, return_x0: bool = False, backend: Optional[str] = None):
+    """DDPM ancestral step (Ho et al. 2020) from t to t_prev on a VPSchedule, "fixed_small" variance;
+    the noise vanishes on the final step (t_prev = -1)."""
+    op = "ddpm_step"
+    _needs_noise(op, True, seed, source)
+    ab_t, ab_p = _vp_pair(op, x, t, t_prev, schedule)
+    a_t, s_t = ab_t.sqrt(), (1 - ab_t).sqrt()
+    ax, ap = params.x0_coefficients(op, prediction, a_t, s_t, x.shape[0], x.device)
+    alpha = ab_t / ab_p
+    beta = 1 - alpha
+    k0 = ab_p.sqrt() * beta / (1 - ab_t)
+    kx = alpha.sqrt() * (1 - ab_p) / (1 - ab_t)
+    kz = torch.sqrt((1 - ab_p) / (1 - ab_t) * beta)
+    return _run(op, model_output, x, ax, ap, kx, k0, kz, uncond=uncond, guidance=guidance, cfg=cfg, seed=seed,
+                offset=offset, source=source, return_x0=return_x0, backend=backend)
+
+
+def lcm_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedule, *, prediction: str = "eps",
+             timestep_scaling: float = 10.0, sigma_data: float = 0.5, uncond: Optional[Tensor] = None, guidance=None,
+             cfg: str = "ho", seed: Optional[int] = None, offset=0, source=None, return_x0: bool = False,
+             backend: Optional[str] = None):
+    """LCM / consistency multistep (Luo et al. 2023): the consistency function's output c_skip x +
+    c_out x0_hat, re-noised to t_prev (t_prev = -1: the final step returns the denoised sample)."""
+    op = "lcm_step"
+    ab_t, ab_p = _vp_pair(op, x, t, t_prev, schedule)
+    a_t, s_t = ab_t.sqrt(), (1 - ab_t).sqrt()
+    ax, ap = params.x0_coefficients(op, prediction, a_t, s_t, x.shape[0], x.device)
+    st = timestep_scaling * t.to(torch.float64)
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / torch.sqrt(st**2 + sigma_data**2)
+    kz = (1 - ab_p).sqrt()
+    stochastic = seed is not None or source is not None
+    if not stochastic and t_prev.device.type == "cpu" and bool((t_prev >= 0).any()):
+        raise ValueError(f"{op}: re-noising to t_prev >= 0 needs seed (with offset) or source")
+    return _run(op, model_output, x, ax, ap, ab_p.sqrt() * c_skip, ab_p.sqrt() * c_out, kz, uncond=uncond,
+                guidance=guidance, cfg=cfg, seed=seed, offset=offset, source=source, return_x0=return_x0,
+                backend=backend)
 
 
 def euler_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, prediction: str = "x0",
