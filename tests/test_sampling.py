@@ -122,18 +122,18 @@ def test_q_sample_noise_source(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_affine_step_opcheck_gradcheck_and_compile(backend):
     g = torch.Generator().manual_seed(3)
-    x, p, pu = (torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    coef = torch.rand(3, 5, generator=g, dtype=torch.float64)
+    x, p, pu, h = (torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    coef = torch.rand(3, 6, generator=g, dtype=torch.float64)
     off = torch.tensor(2)
     w_t = torch.rand(3, generator=g, dtype=torch.float64)
     op = torch.ops.flashdistill.affine_step.default
-    torch.library.opcheck(op, (x, p, pu, w_t, 1.0, coef, None, True, 4, off, 0, True, True, backend))
-    torch.library.opcheck(op, (x, p, None, None, 1.0, coef, torch.randn(3, 5, dtype=torch.float64,
-                                                                         requires_grad=True), False, 0, off, 0, True,
-                               False, backend))
+    torch.library.opcheck(op, (x, p, pu, h, w_t, 1.0, coef, None, True, 4, off, 0, True, True, backend))
+    torch.library.opcheck(op, (x, p, None, None, None, 1.0, coef, torch.randn(3, 5, dtype=torch.float64,
+                                                                               requires_grad=True), False, 0, off, 0,
+                               True, False, backend))
     n = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda *a: op(a[0], a[1], a[2], w_t, 2.0, coef, a[3], False, 0, off, 0, True, False,
-                                           backend)[:2], (x, p, pu, n))
+    torch.autograd.gradcheck(lambda *a: op(a[0], a[1], a[2], a[3], w_t, 2.0, coef, a[4], False, 0, off, 0, True,
+                                           False, backend)[:2], (x, p, pu, h, n))
 
     def step(x):
         return fd.q_sample(x, alpha=coef[:, 0], sigma=coef[:, 1], seed=4, offset=off, backend=backend)
@@ -168,6 +168,30 @@ def test_ddim_step(backend, prediction, eta):
     ref = sampling_reference.ddim_step(x.double(), x0_ref, ab_t, ab_p, eta, z)
     torch.testing.assert_close(x0.double(), x0_ref, rtol=2e-5, atol=2e-5 * x0_ref.abs().max().item())
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prediction", ["eps", "x0"])
+def test_dpmpp_2m_steps(backend, prediction):
+    """Three DPM-Solver++(2M) steps (the first one first order), the x0 history carried between them."""
+    g = torch.Generator().manual_seed(7)
+    shape = (2, 3, 4, 6)
+    sch = fd.VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    grid = [torch.tensor([999, 899]), torch.tensor([749, 649]), torch.tensor([499, 399]), torch.tensor([249, 149])]
+    x = randn(shape, torch.float32, generator=g)
+    x_ref, x0_prev, x0_prev_ref, t_last = x.double(), None, None, None
+    for t, t_prev in zip(grid[:-1], grid[1:]):
+        out = randn(shape, torch.float32, generator=g)  # the model's output at (x, t)
+        x, x0 = fd.dpmpp_2m_step(out, x, t, t_prev, sch, x0_prev=x0_prev, t_last=t_last, prediction=prediction,
+                                 backend=backend)
+        ab_t, ab_p = sch.alphas_cumprod[t], sch.alphas_cumprod[t_prev]
+        x0_ref = out.double() if prediction == "x0" else \
+            fd.to_x0(out.double(), x_ref, space="eps", alpha=ab_t.sqrt(), sigma=(1 - ab_t).sqrt())
+        x_ref = sampling_reference.dpmpp_2m_step(x_ref, x0_ref, x0_prev_ref, ab_t, ab_p,
+                                                 None if t_last is None else sch.alphas_cumprod[t_last])
+        torch.testing.assert_close(x.double(), x_ref, rtol=1e-4, atol=1e-4 * x_ref.abs().max().item())
+        x0_prev, x0_prev_ref, t_last = x0, x0_ref, t
+        x_ref = x.double()  # the next step starts from the kernel's state (no drift compounding in the check)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -140,9 +140,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("affine_step", &fd::affine_step, release(),
         "The affine sampler step / noising kernel (csrc/cpu/sampling.cpp).",
         py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"), py::arg("p"), py::arg("p_bs"),
-        py::arg("pu"), py::arg("pu_bs"), py::arg("w_ptr"), py::arg("w"), py::arg("coef"), py::arg("noise"),
-        py::arg("noise_bs"), py::arg("draw"), py::arg("seed"), py::arg("offset_ptr"), py::arg("start"),
-        py::arg("out"), py::arg("x0_out"), py::arg("noise_out"));
+        py::arg("pu"), py::arg("pu_bs"), py::arg("h"), py::arg("h_bs"), py::arg("w_ptr"), py::arg("w"),
+        py::arg("coef"), py::arg("noise"), py::arg("noise_bs"), py::arg("draw"), py::arg("seed"),
+        py::arg("offset_ptr"), py::arg("start"), py::arg("out"), py::arg("x0_out"), py::arg("noise_out"));
 
   m.def("build_info", &build_info, "How this module was compiled: compiler, OpenMP, ISA extensions.");
   m.def("omp_max_threads", &omp_max_threads, "omp_get_max_threads() (1 without OpenMP).");

@@ -76,12 +76,12 @@ void topk_kd_forward(int64_t dtype, int64_t N, int64_t V, uintptr_t student, int
 void philox_fill(int64_t dtype, int64_t n, uint64_t seed, uintptr_t offset_ptr, uint64_t start, int64_t kind,
                  uintptr_t out);
 
-// sampling.cpp: the affine sampler step out = kx x + k0 (ax x + ap cfg(p, p_u, w)) + kz z over [B, D]
-// rows (the file's top comment); coef [B, 5] of the compute type; z given (noise) or drawn (draw) from
+// sampling.cpp: the affine sampler step out = kx x + k0 (ax x + ap cfg(p, p_u, w)) + kh h + kz z over
+// [B, D] rows (the file's top comment); coef [B, 6] of the compute type; h an optional history; z given (noise) or drawn (draw) from
 // the Philox stream (seed, *offset_ptr) at element start + b * D + d; x0_out, noise_out optional.
 void affine_step(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs, uintptr_t p, int64_t p_bs,
-                 uintptr_t pu, int64_t pu_bs, uintptr_t w_ptr, double w, uintptr_t coef, uintptr_t noise,
-                 int64_t noise_bs, bool draw, uint64_t seed, uintptr_t offset_ptr, uint64_t start, uintptr_t out,
+                 uintptr_t pu, int64_t pu_bs, uintptr_t h, int64_t h_bs, uintptr_t w_ptr, double w, uintptr_t coef,
+                 uintptr_t noise, int64_t noise_bs, bool draw, uint64_t seed, uintptr_t offset_ptr, uint64_t start, uintptr_t out,
                  uintptr_t x0_out, uintptr_t noise_out);
 
 }  // namespace cpu

@@ -6,8 +6,9 @@
 //   x0  = ax_b x + ap_b p          (the model output in its parameterization, as a data prediction)
 //   z   = the given noise, or element start + b D + d of the Philox stream (seed, *offset)
 //         (include/flashdistill/philox.h; flashdistill.randn's numbers) when drawing, else 0
-//   out = kx_b x + k0_b x0 + kz_b z
-// and writes out, and x0 and the drawn z when asked. coef is [B, 5] (ax, ap, kx, k0, kz) of the
+//   out = kx_b x + k0_b x0 + kh_b h + kz_b z   (h: an optional history tensor, DPM-Solver++(2M)'s
+//                                               previous x0)
+// and writes out, and x0 and the drawn z when asked. coef is [B, 6] (ax, ap, kx, k0, kh, kz) of the
 // compute type, w a per-sample array or a scalar.
 //
 // Traffic per element (s = element size): read x and the predictions (1-3 s, + s for given noise),
@@ -34,8 +35,8 @@ namespace cpu {
 namespace {
 
 struct StepArgs {
-  int64_t B, D, x_bs, p_bs, pu_bs, noise_bs;
-  uintptr_t x, p, pu, w_ptr, coef, noise, offset_ptr, out, x0_out, noise_out;
+  int64_t B, D, x_bs, p_bs, pu_bs, h_bs, noise_bs;
+  uintptr_t x, p, pu, h, w_ptr, coef, noise, offset_ptr, out, x0_out, noise_out;
   double w;
   uint64_t seed, start;
   bool draw;
@@ -47,6 +48,7 @@ void run(const StepArgs& a) {
   const T* x = reinterpret_cast<const T*>(a.x);
   const T* p = reinterpret_cast<const T*>(a.p);
   const T* pu = reinterpret_cast<const T*>(a.pu);
+  const T* h = reinterpret_cast<const T*>(a.h);
   const T* noise = reinterpret_cast<const T*>(a.noise);
   const C* wv = reinterpret_cast<const C*>(a.w_ptr);
   const C* coef = reinterpret_cast<const C*>(a.coef);
@@ -64,13 +66,14 @@ void run(const StepArgs& a) {
     if (a.draw) cpu_noise::normals(a.start + uint64_t(i0), m, a.seed, offset, z);
     for (int64_t k = 0; k < m;) {  // the tile's segments, one per row it touches
       const int64_t flat = i0 + k, b = flat / D, d0 = flat - b * D, len = std::min(m - k, D - d0);
-      const C ax = coef[5 * b], ap = coef[5 * b + 1], kx = coef[5 * b + 2], k0 = coef[5 * b + 3];
-      const C kz = coef[5 * b + 4];
+      const C ax = coef[6 * b], ap = coef[6 * b + 1], kx = coef[6 * b + 2], k0 = coef[6 * b + 3];
+      const C kh = coef[6 * b + 4], kz = coef[6 * b + 5];
       const C w = wv ? wv[b] : C(a.w);
       const T* xr = x + b * a.x_bs + d0;
       const T* pr = p ? p + b * a.p_bs + d0 : nullptr;
       const T* pur = pu ? pu + b * a.pu_bs + d0 : nullptr;
       const T* nr = noise ? noise + b * a.noise_bs + d0 : nullptr;
+      const T* hr = h ? h + b * a.h_bs + d0 : nullptr;
       const int64_t o = b * D + d0;
       // branch-free passes over the segment (each vectorizes): the guided prediction, the noise, out
       C pv[kTileElems], zv[kTileElems], x0[kTileElems];
@@ -96,6 +99,8 @@ void run(const StepArgs& a) {
         x0[j] = ax * xv + ap * pv[j];
         pv[j] = kx * xv + k0 * x0[j] + kz * zv[j];  // pv now holds out
       }
+      if (hr)
+        for (int64_t j = 0; j < len; ++j) pv[j] = pv[j] + kh * C(load(hr, j));
       for (int64_t j = 0; j < len; ++j) store(out, o + j, pv[j]);
       if (x0_out)
         for (int64_t j = 0; j < len; ++j) store(x0_out, o + j, x0[j]);
@@ -109,13 +114,13 @@ void run(const StepArgs& a) {
 }  // namespace
 
 void affine_step(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs, uintptr_t p, int64_t p_bs,
-                 uintptr_t pu, int64_t pu_bs, uintptr_t w_ptr, double w, uintptr_t coef, uintptr_t noise,
-                 int64_t noise_bs, bool draw, uint64_t seed, uintptr_t offset_ptr, uint64_t start, uintptr_t out,
+                 uintptr_t pu, int64_t pu_bs, uintptr_t h, int64_t h_bs, uintptr_t w_ptr, double w, uintptr_t coef,
+                 uintptr_t noise, int64_t noise_bs, bool draw, uint64_t seed, uintptr_t offset_ptr, uint64_t start, uintptr_t out,
                  uintptr_t x0_out, uintptr_t noise_out) {
   if (B <= 0 || D <= 0) return;
   if (draw && noise) throw std::invalid_argument("affine_step: draw and a given noise are exclusive");
-  const StepArgs a{B, D, x_bs, p_bs, pu_bs, noise_bs, x, p, pu, w_ptr, coef, noise, offset_ptr, out, x0_out,
-                   noise_out, w, seed, start, draw};
+  const StepArgs a{B, D, x_bs, p_bs, pu_bs, h_bs, noise_bs, x, p, pu, h, w_ptr, coef, noise, offset_ptr, out,
+                   x0_out, noise_out, w, seed, start, draw};
   sched::dispatch_dtype(dtype, "affine_step", [&](auto tag) { run<typename decltype(tag)::type>(a); });
 }
 

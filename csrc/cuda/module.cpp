@@ -103,11 +103,11 @@ void philox_fill(int64_t dtype, int64_t n, uint64_t seed, uintptr_t offset, uint
 }
 
 void affine_step(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs, uintptr_t p, int64_t p_bs,
-                 uintptr_t pu, int64_t pu_bs, uintptr_t w_ptr, double w, uintptr_t coef, uintptr_t noise,
+                 uintptr_t pu, int64_t pu_bs, uintptr_t h, int64_t h_bs, uintptr_t w_ptr, double w, uintptr_t coef, uintptr_t noise,
                  int64_t noise_bs, bool draw, uint64_t seed, uintptr_t offset, uint64_t start, uintptr_t out,
                  uintptr_t x0_out, uintptr_t noise_out, uintptr_t stream) {
   gpu::affine_step_cuda(dtype, B, D, ptr<const void>(x), x_bs, ptr<const void>(p), p_bs, ptr<const void>(pu), pu_bs,
-                        ptr<const void>(w_ptr), w, ptr<const void>(coef), ptr<const void>(noise), noise_bs, draw, seed,
+                        ptr<const void>(h), h_bs, ptr<const void>(w_ptr), w, ptr<const void>(coef), ptr<const void>(noise), noise_bs, draw, seed,
                         ptr<const void>(offset), start, ptr<void>(out), ptr<void>(x0_out), ptr<void>(noise_out),
                         ptr<CUstream_st>(stream));
 }
@@ -157,9 +157,10 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("affine_step", &affine_step, release(),
         "The affine sampler step / noising kernel (csrc/cuda/sampling.cu).",
         py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"), py::arg("p"), py::arg("p_bs"),
-        py::arg("pu"), py::arg("pu_bs"), py::arg("w_ptr"), py::arg("w"), py::arg("coef"), py::arg("noise"),
-        py::arg("noise_bs"), py::arg("draw"), py::arg("seed"), py::arg("offset_ptr"), py::arg("start"),
-        py::arg("out"), py::arg("x0_out"), py::arg("noise_out"), py::arg("stream"));
+        py::arg("pu"), py::arg("pu_bs"), py::arg("h"), py::arg("h_bs"), py::arg("w_ptr"), py::arg("w"),
+        py::arg("coef"), py::arg("noise"), py::arg("noise_bs"), py::arg("draw"), py::arg("seed"),
+        py::arg("offset_ptr"), py::arg("start"), py::arg("out"), py::arg("x0_out"), py::arg("noise_out"),
+        py::arg("stream"));
   m.def("score_diff_forward", &score_diff_forward,
         py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("x"), py::arg("x_bs"),
         py::arg("a"), py::arg("a_bs"), py::arg("a_u"), py::arg("a_u_bs"), py::arg("wa_ptr"), py::arg("wa"),

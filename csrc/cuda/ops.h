@@ -127,7 +127,7 @@ void philox_fill_cuda(int64_t dtype, int64_t n, uint64_t seed, const void* offse
 // ---- sampler steps and noising (sampling.cu) ----------------------------------------------------
 // affine_step, the CPU affine_step's contract (csrc/cpu/ops.h, csrc/cpu/sampling.cpp).
 void affine_step_cuda(int64_t dtype, int64_t B, int64_t D, const void* x, int64_t x_bs, const void* p, int64_t p_bs,
-                      const void* pu, int64_t pu_bs, const void* w_ptr, double w, const void* coef,
+                      const void* pu, int64_t pu_bs, const void* h, int64_t h_bs, const void* w_ptr, double w, const void* coef,
                       const void* noise, int64_t noise_bs, bool draw, uint64_t seed, const void* offset,
                       uint64_t start, void* out, void* x0_out, void* noise_out, CUstream_st* stream);
 

@@ -19,8 +19,8 @@ namespace {
 constexpr int kThreads = 256;
 
 struct StepArgs {
-  int64_t B, D, x_bs, p_bs, pu_bs, noise_bs;
-  const void *x, *p, *pu, *w_ptr, *coef, *noise;
+  int64_t B, D, x_bs, p_bs, pu_bs, h_bs, noise_bs;
+  const void *x, *p, *pu, *h, *w_ptr, *coef, *noise;
   const int64_t* offset_ptr;
   void *out, *x0_out, *noise_out;
   double w;
@@ -36,6 +36,7 @@ __global__ void __launch_bounds__(kThreads) affine_step_kernel(StepArgs a) {
   const T* x = reinterpret_cast<const T*>(a.x);
   const T* p = reinterpret_cast<const T*>(a.p);
   const T* pu = reinterpret_cast<const T*>(a.pu);
+  const T* h = reinterpret_cast<const T*>(a.h);
   const T* noise = reinterpret_cast<const T*>(a.noise);
   const C* wv = reinterpret_cast<const C*>(a.w_ptr);
   const C* coef = reinterpret_cast<const C*>(a.coef);
@@ -54,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) affine_step_kernel(StepArgs a) {
       const uint64_t idx = (blk << 2) + uint64_t(j);
       if (idx < a.start || idx >= a.start + n) continue;
       const int64_t f = int64_t(idx - a.start), b = f / a.D, d = f - b * a.D;
-      const C* cb = coef + 5 * b;
+      const C* cb = coef + 6 * b;
       const C xv = C(to_c(x[b * a.x_bs + d]));
       C pv = C(0);
       if (p) {
@@ -66,7 +67,8 @@ __global__ void __launch_bounds__(kThreads) affine_step_kernel(StepArgs a) {
       }
       const C x0 = cb[0] * xv + cb[1] * pv;
       const C zv = noise ? C(to_c(noise[b * a.noise_bs + d])) : z[j];
-      out[f] = FromC<T>::cvt(cb[2] * xv + cb[3] * x0 + cb[4] * zv);
+      const C hv = h ? C(to_c(h[b * a.h_bs + d])) : C(0);
+      out[f] = FromC<T>::cvt(cb[2] * xv + cb[3] * x0 + cb[5] * zv + cb[4] * hv);
       if (x0_out) x0_out[f] = FromC<T>::cvt(x0);
       if (noise_out) noise_out[f] = FromC<T>::cvt(zv);
     }
@@ -76,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) affine_step_kernel(StepArgs a) {
 }  // namespace
 
 void affine_step_cuda(int64_t dtype, int64_t B, int64_t D, const void* x, int64_t x_bs, const void* p, int64_t p_bs,
-                      const void* pu, int64_t pu_bs, const void* w_ptr, double w, const void* coef,
+                      const void* pu, int64_t pu_bs, const void* h, int64_t h_bs, const void* w_ptr, double w, const void* coef,
                       const void* noise, int64_t noise_bs, bool draw, uint64_t seed, const void* offset,
                       uint64_t start, void* out, void* x0_out, void* noise_out, CUstream_st* stream) {
   if (B <= 0 || D <= 0) return;
@@ -84,7 +86,7 @@ void affine_step_cuda(int64_t dtype, int64_t B, int64_t D, const void* x, int64_
   const uint64_t n = uint64_t(B) * uint64_t(D);
   const uint64_t blocks = (((start + n + 3) >> 2) - (start >> 2) + kThreads - 1) / kThreads;
   const int grid = int(blocks < 8192 ? blocks : 8192);
-  const StepArgs a{B, D, x_bs, p_bs, pu_bs, noise_bs, x, p, pu, w_ptr, coef, noise,
+  const StepArgs a{B, D, x_bs, p_bs, pu_bs, h_bs, noise_bs, x, p, pu, h, w_ptr, coef, noise,
                    reinterpret_cast<const int64_t*>(offset), out, x0_out, noise_out, w, seed, start, draw};
   rowwise::with_dtype(dtype, "affine_step", [&](auto tag) {
     affine_step_kernel<decltype(tag)><<<grid, kThreads, 0, stream>>>(a);

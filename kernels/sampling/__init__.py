@@ -74,24 +74,24 @@ def q_sample(x0: Tensor, t: Optional[Tensor] = None, schedule=None, *, alpha=Non
         raise ValueError(f"{OP}: start must be an int in [0, 2^62), got {start!r}")
     backend = backends.requested(OP, backend, x0.device, IMPLEMENTED)
     zero = torch.zeros_like(a)
-    coef = torch.stack([zero, zero, a, zero, s], 1)  # out = alpha x + sigma z
-    xt, _, eps = torch.ops.flashdistill.affine_step(x0, None, None, None, 0.0, coef, noise, noise is None, seed, off,
-                                                    start, False, return_noise, backend)
+    coef = torch.stack([zero, zero, a, zero, zero, s], 1)  # out = alpha x + sigma z
+    xt, _, eps = torch.ops.flashdistill.affine_step(x0, None, None, None, None, 0.0, coef, noise, noise is None, seed,
+                                                    off, start, False, return_noise, backend)
     if source is not None:
         source.offset.add_(1)
     return (xt, eps) if return_noise else xt
 
 
 # ----------------------------------------------------------------------------------------------------
-# the affine_step op: out = kx x + k0 (ax x + ap cfg(p, p_u, w)) + kz z; (out, x0 or empty, z or empty)
+# the affine_step op: out = kx x + k0 (ax x + ap cfg(p, p_u, w)) + kh h + kz z; (out, x0 or empty, z or empty)
 
 STEP = "affine_step"
 
 
-def _reference(x, p, pu, w_t, w, coef, noise, draw, seed, offset, start, want_x0, want_noise):
+def _reference(x, p, pu, h, w_t, w, coef, noise, draw, seed, offset, start, want_x0, want_noise):
     cd = checks.compute_dtype(x.dtype)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    ax, ap, kx, k0, kz = (c.reshape(shape) for c in coef.to(cd).unbind(1))
+    ax, ap, kx, k0, kh, kz = (c.reshape(shape) for c in coef.to(cd).unbind(1))
     pv = torch.zeros((), dtype=cd, device=x.device)
     if p is not None:
         pv = p.to(cd)
@@ -105,42 +105,45 @@ def _reference(x, p, pu, w_t, w, coef, noise, draw, seed, offset, start, want_x0
         z = rng_reference.normal(x.numel(), seed, int(offset), start, cd).to(x.device).reshape(x.shape)
     else:
         z = torch.zeros((), dtype=cd, device=x.device)
-    out = (kx * x.to(cd) + k0 * x0 + kz * z).to(x.dtype)
+    out = kx * x.to(cd) + k0 * x0 + kz * z
+    if h is not None:
+        out = out + kh * h.to(cd)
+    out = out.to(x.dtype)
     return (out, x0.to(x.dtype) if want_x0 else x.new_empty(0),
             z.expand(x.shape).to(x.dtype) if want_noise else x.new_empty(0))
 
 
-def _native(x, p, pu, w_t, w, coef, noise, draw, seed, offset, start, want_x0, want_noise, launch):
-    x2, p2, pu2, n2 = native.rows_of(x, p, pu, noise)
+def _native(x, p, pu, h, w_t, w, coef, noise, draw, seed, offset, start, want_x0, want_noise, launch):
+    x2, p2, pu2, h2, n2 = native.rows_of(x, p, pu, h, noise)
     out = native.empty(x2.shape, x.dtype, x.device)
     x0 = native.empty(x2.shape, x.dtype, x.device) if want_x0 else None
     z = native.empty(x2.shape, x.dtype, x.device) if want_noise else None
-    launch(x2, p2, pu2, native.contiguous(w_t), w, coef.contiguous(), n2, draw, seed, offset, start, out, x0, z)
+    launch(x2, p2, pu2, h2, native.contiguous(w_t), w, coef.contiguous(), n2, draw, seed, offset, start, out, x0, z)
     return (out.view(x.shape), x0.view(x.shape) if x0 is not None else x.new_empty(0),
             z.view(x.shape) if z is not None else x.new_empty(0))
 
 
-def _cpu_launch(x2, p2, pu2, w_t, w, coef, n2, draw, seed, offset, start, out, x0, z):
+def _cpu_launch(x2, p2, pu2, h2, w_t, w, coef, n2, draw, seed, offset, start, out, x0, z):
     B, D = x2.shape
     native.cpu_module()[0].affine_step(
         native.DTYPE_CODES[x2.dtype], B, D, *native.row_arg(x2), *native.row_arg(p2), *native.row_arg(pu2),
-        native.ptr(w_t), w, coef.data_ptr(), *native.row_arg(n2), draw, seed, offset.data_ptr(), start,
+        *native.row_arg(h2), native.ptr(w_t), w, coef.data_ptr(), *native.row_arg(n2), draw, seed, offset.data_ptr(), start,
         out.data_ptr(), native.ptr(x0), native.ptr(z))
 
 
-def _cuda_launch(x2, p2, pu2, w_t, w, coef, n2, draw, seed, offset, start, out, x0, z):
+def _cuda_launch(x2, p2, pu2, h2, w_t, w, coef, n2, draw, seed, offset, start, out, x0, z):
     B, D = x2.shape
     with torch.cuda.device(x2.device):
         native.cuda_module()[0].affine_step(
             native.DTYPE_CODES[x2.dtype], B, D, *native.row_arg(x2), *native.row_arg(p2), *native.row_arg(pu2),
-            native.ptr(w_t), w, coef.data_ptr(), *native.row_arg(n2), draw, seed, offset.data_ptr(), start,
+            *native.row_arg(h2), native.ptr(w_t), w, coef.data_ptr(), *native.row_arg(n2), draw, seed, offset.data_ptr(), start,
             out.data_ptr(), native.ptr(x0), native.ptr(z), native.stream_of(x2))
 
 
-def _triton_launch(x2, p2, pu2, w_t, w, coef, n2, draw, seed, offset, start, out, x0, z):
+def _triton_launch(x2, p2, pu2, h2, w_t, w, coef, n2, draw, seed, offset, start, out, x0, z):
     from flashdistill.kernels.sampling import triton_kernel
 
-    triton_kernel.affine_step(x2, p2, pu2, w_t, w, coef, n2, draw, seed, offset, start, out, x0, z)
+    triton_kernel.affine_step(x2, p2, pu2, h2, w_t, w, coef, n2, draw, seed, offset, start, out, x0, z)
 
 
 _IMPLS = {"reference": _reference,
@@ -149,57 +152,58 @@ _IMPLS = {"reference": _reference,
           "cuda": lambda *args: _native(*args, _cuda_launch)}
 
 
-def _validate(x, p, pu, w_t, coef, noise, draw):
+def _validate(x, p, pu, h, w_t, coef, noise, draw):
     checks.tensor(STEP, "x", x, min_dim=2)
     cd, B = checks.compute_dtype(x.dtype), x.shape[0]
-    for name, t in (("pred", p), ("pred_uncond", pu), ("noise", noise)):
+    for name, t in (("pred", p), ("pred_uncond", pu), ("hist", h), ("noise", noise)):
         if t is not None:
             checks.like(STEP, name, t, "x", x)
     if pu is not None and p is None:
         raise ValueError(f"{STEP}: pred_uncond needs pred")
     if w_t is not None:
         checks.per_sample(STEP, "guidance", w_t, B, cd, x.device)
-    if coef.shape != (B, 5) or coef.dtype != cd or coef.device != x.device:
-        raise ValueError(f"{STEP}: coef must be [{B}, 5] {cd} on {x.device}, got {tuple(coef.shape)} {coef.dtype}")
+    if coef.shape != (B, 6) or coef.dtype != cd or coef.device != x.device:
+        raise ValueError(f"{STEP}: coef must be [{B}, 6] {cd} on {x.device}, got {tuple(coef.shape)} {coef.dtype}")
     if draw and noise is not None:
         raise ValueError(f"{STEP}: draw and a given noise are exclusive")
 
 
 @torch.library.custom_op("flashdistill::affine_step", mutates_args=())
-def _step_op(x: Tensor, pred: Optional[Tensor], pred_uncond: Optional[Tensor], w_t: Optional[Tensor], w: float,
-             coef: Tensor, noise: Optional[Tensor], draw: bool, seed: int, offset: Tensor, start: int,
+def _step_op(x: Tensor, pred: Optional[Tensor], pred_uncond: Optional[Tensor], hist: Optional[Tensor],
+             w_t: Optional[Tensor], w: float, coef: Tensor, noise: Optional[Tensor], draw: bool, seed: int, offset: Tensor, start: int,
              want_x0: bool, want_noise: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(kx x + k0 x0 + kz z, x0 = ax x + ap cfg(pred, pred_uncond, w) or empty, z or empty)."""
-    _validate(x, pred, pred_uncond, w_t, coef, noise, draw)
+    """(kx x + k0 x0 + kh hist + kz z, x0 = ax x + ap cfg(pred, pred_uncond, w) or empty, z or empty)."""
+    _validate(x, pred, pred_uncond, hist, w_t, coef, noise, draw)
     name = backends.resolve(STEP, backend, x.device, IMPLEMENTED)
-    return _IMPLS[name](x, pred, pred_uncond, w_t, w, coef, noise, draw, seed, offset, start, want_x0, want_noise)
+    return _IMPLS[name](x, pred, pred_uncond, hist, w_t, w, coef, noise, draw, seed, offset, start, want_x0,
+                        want_noise)
 
 
 @_step_op.register_fake
-def _(x, pred, pred_uncond, w_t, w, coef, noise, draw, seed, offset, start, want_x0, want_noise, backend):
-    _validate(x, pred, pred_uncond, w_t, coef, noise, draw)
+def _(x, pred, pred_uncond, hist, w_t, w, coef, noise, draw, seed, offset, start, want_x0, want_noise, backend):
+    _validate(x, pred, pred_uncond, hist, w_t, coef, noise, draw)
     return (torch.empty_like(x), torch.empty_like(x) if want_x0 else x.new_empty(0),
             torch.empty_like(x) if want_noise else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, p, pu, w_t, w, coef, noise = inputs[:7]
+    x, p, pu, h, w_t, w, coef, noise = inputs[:8]
     ctx.save_for_backward(coef, w_t)
     ctx.w, ctx.dim = w, x.dim()
-    ctx.has = (p is not None, pu is not None, noise is not None)
+    ctx.has = (p is not None, pu is not None, h is not None, noise is not None)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_out, g_x0, g_z):
     """Per-sample scales: dL/dx0 = k0 g + g_x0; dL/dx = kx g + ax dL/dx0; dL/dp_hat = ap dL/dx0, split
-    over p_c and p_u by the guidance; dL/dnoise = kz g. The coefficients get no gradient."""
+    over p_c and p_u by the guidance; dL/dhist = kh g; dL/dnoise = kz g. The coefficients get none."""
     coef, w_t = ctx.saved_tensors
-    has_p, has_pu, has_noise = ctx.has
+    has_p, has_pu, has_h, has_noise = ctx.has
     if g_out is None and g_x0 is None:
-        return (None,) * 14
+        return (None,) * 15
     shape = (-1,) + (1,) * (ctx.dim - 1)
     cd = coef.dtype
-    ax, ap, kx, k0, kz = (c.reshape(shape) for c in coef.unbind(1))
+    ax, ap, kx, k0, kh, kz = (c.reshape(shape) for c in coef.unbind(1))
     g = g_out.to(cd) if g_out is not None else None
     d0 = (k0 * g if g is not None else 0) + (g_x0.to(cd) if g_x0 is not None else 0)
     dtype = (g_out if g_out is not None else g_x0).dtype
@@ -213,13 +217,14 @@ def _backward(ctx, g_out, g_x0, g_z):
         else:
             gp = dp.to(dtype)
     gn = (kz * g).to(dtype) if has_noise and g is not None else None
-    return gx, gp, gpu, None, None, None, gn, None, None, None, None, None, None, None
+    gh = (kh * g).to(dtype) if has_h and g is not None else None
+    return gx, gp, gpu, gh, None, None, None, gn, None, None, None, None, None, None, None
 
 
 _step_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-from flashdistill.kernels.sampling.steps import (ddim_step, ddpm_step, euler_step, flow_euler_step,  # noqa: E402
-                                                 lcm_step)
+from flashdistill.kernels.sampling.steps import (ddim_step, ddpm_step, dpmpp_2m_step, euler_step,  # noqa: E402
+                                                 flow_euler_step, lcm_step)
 
-__all__ += ["ddim_step", "ddpm_step", "euler_step", "flow_euler_step", "lcm_step"]
+__all__ += ["ddim_step", "ddpm_step", "dpmpp_2m_step", "euler_step", "flow_euler_step", "lcm_step"]

@@ -65,3 +65,18 @@ def lcm_step(x, x0_hat, t, abar_prev, z, *, timestep_scaling=10.0, sigma_data=0.
     c_out = st / torch.sqrt(st**2 + sigma_data**2)
     denoised = _b(c_skip, x) * x + _b(c_out, x) * x0_hat
     return _b(abar_prev.sqrt(), x) * denoised + _b((1 - abar_prev).sqrt(), x) * z
+
+
+def dpmpp_2m_step(x, x0_hat, x0_prev, abar_t, abar_prev, abar_last):
+    """DPM-Solver++(2M), data prediction (Lu et al. 2022, "DPM-Solver++", Alg. 2), midpoint form:
+    lambda = log(alpha / sigma), h = lambda_prev - lambda_t, r0 = (lambda_t - lambda_last) / h,
+    D0 = x0_hat, D1 = (x0_hat - x0_prev) / r0, x_next = (sigma_prev / sigma_t) x
+    - alpha_prev (e^-h - 1) D0 - 0.5 alpha_prev (e^-h - 1) D1; first order (x0_prev None): D1 = 0."""
+    lam = lambda ab: torch.log(ab.sqrt() / (1 - ab).sqrt())  # noqa: E731
+    h = lam(abar_prev) - lam(abar_t)
+    a_p, s_p, s_t = abar_prev.sqrt(), (1 - abar_prev).sqrt(), (1 - abar_t).sqrt()
+    out = _b(s_p / s_t, x) * x - _b(a_p * torch.expm1(-h), x) * x0_hat
+    if x0_prev is not None:
+        r0 = (lam(abar_t) - lam(abar_last)) / h
+        out = out - 0.5 * _b(a_p * torch.expm1(-h), x) * (x0_hat - x0_prev) / _b(r0, x)
+    return out

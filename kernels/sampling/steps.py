@@ -9,6 +9,7 @@ once and writes x_next once (and x0_hat when asked, for LCM / DMD / DPM-Solver h
 
     ddim_step(model_output, x, t, t_prev, schedule, *, prediction="eps", eta=0.0, ...)
     ddpm_step(model_output, x, t, t_prev, schedule, *, prediction="eps", ...)       ancestral
+    dpmpp_2m_step(model_output, x, t, t_prev, t_prev2, x0_prev, schedule, ...)     DPM-Solver++(2M)
     lcm_step(model_output, x, t, t_prev, schedule, *, prediction="eps", ...)        LCM multistep
     euler_step(model_output, x, sigma, sigma_next, *, prediction="x0", ...)        EDM / VE
     flow_euler_step(model_output, x, sigma, sigma_next, ...)                      rectified flow
@@ -31,14 +32,16 @@ from flashdistill.kernels.rng import _offset_tensor
 
 
 def _run(op, model_output, x, ax, ap, kx, k0, kz, *, uncond, guidance, cfg, seed, offset, source, return_x0,
-         backend):
+         backend, hist=None, kh=None):
     checks.tensor(op, "x", x, min_dim=2)
     checks.like(op, "model_output", model_output, "x", x)
     if uncond is not None:
         checks.like(op, "uncond", uncond, "x", x)
     w_t, w = params.guidance_arg(op, "guidance", guidance, uncond, "uncond", cfg, x)
     cd = checks.compute_dtype(x.dtype)
-    coef = torch.stack([ax, ap, kx, k0, kz], 1).to(cd)
+    if hist is not None:
+        checks.like(op, "x0_prev", hist, "x", x)
+    coef = torch.stack([ax, ap, kx, k0, kh if kh is not None else torch.zeros_like(kx), kz], 1).to(cd)
     stochastic = source is not None or seed is not None
     if stochastic:
         if source is not None and seed is not None:
@@ -54,8 +57,8 @@ def _run(op, model_output, x, ax, ap, kx, k0, kz, *, uncond, guidance, cfg, seed
     from flashdistill.kernels.sampling import IMPLEMENTED
 
     backend = backends.requested(op, backend, x.device, IMPLEMENTED)
-    out, x0, _ = torch.ops.flashdistill.affine_step(x, model_output, uncond, w_t, w, coef, None, stochastic, seed, off,
-                                                    0, return_x0, False, backend)
+    out, x0, _ = torch.ops.flashdistill.affine_step(x, model_output, uncond, hist, w_t, w, coef, None, stochastic,
+                                                    seed, off, 0, return_x0, False, backend)
     if source is not None:
         source.offset.add_(1)
     return (out, x0) if return_x0 else out
@@ -143,6 +146,38 @@ def lcm_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedul
     return _run(op, model_output, x, ax, ap, ab_p.sqrt() * c_skip, ab_p.sqrt() * c_out, kz, uncond=uncond,
                 guidance=guidance, cfg=cfg, seed=seed, offset=offset, source=source, return_x0=return_x0,
                 backend=backend)
+
+
+def dpmpp_2m_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedule, *,
+                  x0_prev: Optional[Tensor] = None, t_last: Optional[Tensor] = None, prediction: str = "eps",
+                  uncond: Optional[Tensor] = None, guidance=None, cfg: str = "ho", backend: Optional[str] = None):
+    """DPM-Solver++(2M), data prediction, midpoint form (Lu et al. 2022, Alg. 2; diffusers'
+    multistep_dpm_solver_second_order_update) from t to t_prev on a VPSchedule. x0_prev is the data
+    prediction of the previous step (taken at t_last); without it (the first step) the update is first
+    order (= DDIM). Returns (x_next, x0_hat): x0_hat is the next step's x0_prev. lambda = log(alpha / sigma),
+    h = lambda_prev - lambda_t, r0 = (lambda_t - lambda_last) / h, D1 = (x0 - x0_prev) / r0:
+    x_next = (sigma_prev / sigma_t) x - alpha_prev (e^-h - 1)(x0 + D1 / 2)."""
+    op = "dpmpp_2m_step"
+    ab_t, ab_p = _vp_pair(op, x, t, t_prev, schedule)
+    if bool((t_prev < 0).any()) if t_prev.device.type == "cpu" else False:
+        raise ValueError(f"{op}: t_prev must be >= 0 (the final step to alpha_bar = 1 has lambda = inf; use ddim_step)")
+    a_t, s_t, a_p, s_p = ab_t.sqrt(), (1 - ab_t).sqrt(), ab_p.sqrt(), (1 - ab_p).sqrt()
+    ax, ap = params.x0_coefficients(op, prediction, a_t, s_t, x.shape[0], x.device)
+    lam_t, lam_p = torch.log(a_t / s_t), torch.log(a_p / s_p)
+    hh = lam_p - lam_t
+    phi = torch.expm1(-hh)  # e^-h - 1
+    kx = s_p / s_t
+    if x0_prev is None:
+        k0, kh = -a_p * phi, None
+    else:
+        if t_last is None:
+            raise ValueError(f"{op}: x0_prev needs t_last, the timestep it was predicted at")
+        ab_l, _ = _vp_pair(op, x, t_last, t_last, schedule)
+        r0 = (lam_t - torch.log(ab_l.sqrt() / (1 - ab_l).sqrt())) / hh
+        k0 = -a_p * phi * (1 + 0.5 / r0)
+        kh = a_p * phi * (0.5 / r0)
+    return _run(op, model_output, x, ax, ap, kx, k0, torch.zeros_like(kx), uncond=uncond, guidance=guidance, cfg=cfg,
+                seed=None, offset=0, source=None, return_x0=True, backend=backend, hist=x0_prev, kh=kh)
 
 
 def euler_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, prediction: str = "x0",

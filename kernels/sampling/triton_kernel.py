@@ -1,5 +1,5 @@
-"""Triton twin of csrc/cpu/sampling.cpp (affine_step: every first-order sampler step and q_sample):
-out = kx x + k0 (ax x + ap cfg(p, p_u, w)) + kz z per element of [B, D] rows, z given or drawn inline
+"""Triton twin of csrc/cpu/sampling.cpp (affine_step: the sampler steps and q_sample):
+out = kx x + k0 (ax x + ap cfg(p, p_u, w)) + kh h + kz z per element of [B, D] rows, z given or drawn inline
 from the Philox stream (kernels/rng/triton_kernel.py's generator and layout: element start + b D + d).
 Each program a tile of BLOCK Philox blocks (4 flat elements each).
 
@@ -17,19 +17,21 @@ from flashdistill.kernels.rng.triton_kernel import _box_muller, _philox
 
 
 @triton.jit
-def _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs,
+def _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs,
              out_ptr, x0_ptr, nout_ptr, flat, z, n, D,
-             HAS_P: tl.constexpr, HAS_PU: tl.constexpr, W_PTR: tl.constexpr, HAS_NOISE: tl.constexpr,
+             HAS_P: tl.constexpr, HAS_PU: tl.constexpr, HAS_H: tl.constexpr, W_PTR: tl.constexpr,
+             HAS_NOISE: tl.constexpr,
              WRITE_X0: tl.constexpr, WRITE_NOISE: tl.constexpr, C: tl.constexpr):
     mask = (flat >= 0) & (flat < n)
     f = tl.where(mask, flat, 0)
     b = f // D
     d = f - b * D
-    ax = tl.load(coef_ptr + 5 * b, mask=mask, other=0.0).to(C)
-    ap = tl.load(coef_ptr + 5 * b + 1, mask=mask, other=0.0).to(C)
-    kx = tl.load(coef_ptr + 5 * b + 2, mask=mask, other=0.0).to(C)
-    k0 = tl.load(coef_ptr + 5 * b + 3, mask=mask, other=0.0).to(C)
-    kz = tl.load(coef_ptr + 5 * b + 4, mask=mask, other=0.0).to(C)
+    ax = tl.load(coef_ptr + 6 * b, mask=mask, other=0.0).to(C)
+    ap = tl.load(coef_ptr + 6 * b + 1, mask=mask, other=0.0).to(C)
+    kx = tl.load(coef_ptr + 6 * b + 2, mask=mask, other=0.0).to(C)
+    k0 = tl.load(coef_ptr + 6 * b + 3, mask=mask, other=0.0).to(C)
+    kh = tl.load(coef_ptr + 6 * b + 4, mask=mask, other=0.0).to(C)
+    kz = tl.load(coef_ptr + 6 * b + 5, mask=mask, other=0.0).to(C)
     x = tl.load(x_ptr + b * x_bs + d, mask=mask, other=0.0).to(C)
     p = tl.zeros_like(x)
     if HAS_P:
@@ -41,7 +43,10 @@ def _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, w_ptr, w_scalar, coef_ptr,
     if HAS_NOISE:
         z = tl.load(noise_ptr + b * noise_bs + d, mask=mask, other=0.0).to(C)
     x0 = ax * x + ap * p
-    triton_utils.store_rounded(out_ptr + f, kx * x + k0 * x0 + kz * z, mask)
+    o = kx * x + k0 * x0 + kz * z
+    if HAS_H:
+        o = o + kh * tl.load(h_ptr + b * h_bs + d, mask=mask, other=0.0).to(C)
+    triton_utils.store_rounded(out_ptr + f, o, mask)
     if WRITE_X0:
         triton_utils.store_rounded(x0_ptr + f, x0, mask)
     if WRITE_NOISE:
@@ -49,9 +54,10 @@ def _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, w_ptr, w_scalar, coef_ptr,
 
 
 @triton.jit
-def _step_kernel(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs,
+def _step_kernel(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs,
                  out_ptr, x0_ptr, nout_ptr, offset_ptr, n, D, start, first_block, k0_in, k1_in,
-                 HAS_P: tl.constexpr, HAS_PU: tl.constexpr, W_PTR: tl.constexpr, HAS_NOISE: tl.constexpr,
+                 HAS_P: tl.constexpr, HAS_PU: tl.constexpr, HAS_H: tl.constexpr, W_PTR: tl.constexpr,
+                 HAS_NOISE: tl.constexpr,
                  DRAW: tl.constexpr, WRITE_X0: tl.constexpr, WRITE_NOISE: tl.constexpr, C: tl.constexpr,
                  BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -70,18 +76,22 @@ def _step_kernel(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, w_ptr, w_scalar, coef_
         z0, z1 = _box_muller(w0, w1, C)
         z2, z3 = _box_muller(w2, w3, C)
     base = blk * 4 - start  # flat index of the block's element 0
-    _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs, out_ptr,
-             x0_ptr, nout_ptr, base + 0, z0, n, D, HAS_P, HAS_PU, W_PTR, HAS_NOISE, WRITE_X0, WRITE_NOISE, C)
-    _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs, out_ptr,
-             x0_ptr, nout_ptr, base + 1, z1, n, D, HAS_P, HAS_PU, W_PTR, HAS_NOISE, WRITE_X0, WRITE_NOISE, C)
-    _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs, out_ptr,
-             x0_ptr, nout_ptr, base + 2, z2, n, D, HAS_P, HAS_PU, W_PTR, HAS_NOISE, WRITE_X0, WRITE_NOISE, C)
-    _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs, out_ptr,
-             x0_ptr, nout_ptr, base + 3, z3, n, D, HAS_P, HAS_PU, W_PTR, HAS_NOISE, WRITE_X0, WRITE_NOISE, C)
+    _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs,
+             out_ptr, x0_ptr, nout_ptr, base + 0, z0, n, D, HAS_P, HAS_PU, HAS_H, W_PTR, HAS_NOISE, WRITE_X0,
+             WRITE_NOISE, C)
+    _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs,
+             out_ptr, x0_ptr, nout_ptr, base + 1, z1, n, D, HAS_P, HAS_PU, HAS_H, W_PTR, HAS_NOISE, WRITE_X0,
+             WRITE_NOISE, C)
+    _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs,
+             out_ptr, x0_ptr, nout_ptr, base + 2, z2, n, D, HAS_P, HAS_PU, HAS_H, W_PTR, HAS_NOISE, WRITE_X0,
+             WRITE_NOISE, C)
+    _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs,
+             out_ptr, x0_ptr, nout_ptr, base + 3, z3, n, D, HAS_P, HAS_PU, HAS_H, W_PTR, HAS_NOISE, WRITE_X0,
+             WRITE_NOISE, C)
 
 
-def affine_step(x, p, pu, w_t, w, coef, noise, draw, seed, offset, start, out, x0_out, noise_out):
-    """x, p, pu, noise: [B, D] with unit-stride rows (p, pu, noise may be None); coef [B, 5] and w_t [B]
+def affine_step(x, p, pu, h, w_t, w, coef, noise, draw, seed, offset, start, out, x0_out, noise_out):
+    """x, p, pu, h, noise: [B, D] with unit-stride rows (all but x may be None); coef [B, 6] and w_t [B]
     of the compute dtype (w_t may be None: the scalar w); out, x0_out, noise_out contiguous [B, D]."""
     B, D = x.shape
     n = B * D
@@ -97,9 +107,9 @@ def affine_step(x, p, pu, w_t, w, coef, noise, draw, seed, offset, start, out, x
 
     with triton_utils.device_guard(x):
         _step_kernel[(triton.cdiv(n_blocks, BLOCK),)](
-            x, x.stride(0), *ptr(p), *ptr(pu), w_t if w_t is not None else dummy, float(w), coef, *ptr(noise),
+            x, x.stride(0), *ptr(p), *ptr(pu), *ptr(h), w_t if w_t is not None else dummy, float(w), coef, *ptr(noise),
             out, x0_out if x0_out is not None else dummy, noise_out if noise_out is not None else dummy, offset,
             n, D, start, first, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF,
-            HAS_P=p is not None, HAS_PU=pu is not None, W_PTR=w_t is not None, HAS_NOISE=noise is not None,
+            HAS_P=p is not None, HAS_PU=pu is not None, HAS_H=h is not None, W_PTR=w_t is not None, HAS_NOISE=noise is not None,
             DRAW=draw, WRITE_X0=x0_out is not None, WRITE_NOISE=noise_out is not None,
             C=triton_utils.tl_compute(x.dtype), BLOCK=BLOCK, enable_fp_fusion=False)
