@@ -275,3 +275,89 @@ def test_gpu_q_sample(backend, dtype):
     tol = dict(rtol=2e-6, atol=2e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
     torch.testing.assert_close(eps.cpu(), er, **tol)
     torch.testing.assert_close(xt.cpu(), xr, **tol)
+
+
+# ---- sample(): whole loops on a problem with an exact denoiser ---------------------------------------
+# Data x0 ~ N(0, S^2 I): every conditional expectation is linear, so the ideal model outputs are known
+# in closed form and a sampler should map x_T to samples of standard deviation S, up to its
+# discretization error. The tolerances are that error at the step counts used (measured: DDIM, Euler
+# and flow Euler are first order, and the first / last steps of DPM-Solver++(2M) are too), with a
+# convergence check: twice the steps, a smaller error. A sign or coefficient error breaks both.
+S_DATA = 0.5
+LONG = [b for b in BACKENDS if b != "triton"]  # the interpreter is too slow for hundreds of steps
+
+
+def _vp_model(schedule, prediction, guided=False, consistency=False):
+    def fn(x, t):
+        a, s = (v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))) for v in schedule.coefficients(t))
+        var = a**2 * S_DATA**2 + s**2
+        if consistency:  # an exact consistency function: the ODE's flow map to t = 0, x S / sqrt(var)
+            st = 10.0 * t.to(x.dtype).reshape(a.shape)
+            c_skip, c_out = 0.25 / (st**2 + 0.25), st / torch.sqrt(st**2 + 0.25)
+            out = (S_DATA / var.sqrt() * x - c_skip * x) / c_out  # so that c_skip x + c_out x0_hat = f(x)
+        else:
+            out = s * x / var if prediction == "eps" else a * S_DATA**2 * x / var
+        return (out, 0.3 * out) if guided else out  # with guidance 1 the uncond branch drops out
+    return fn
+
+
+def _std_error(method, steps, backend, pred="eps", consistency=False):
+    sch = fd.VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    x_T = fd.randn((4, 2048), seed=1, backend="cpu")
+    target = S_DATA * x_T.std().item()  # the map is linear: the sample's own std, scaled
+    x0 = fd.sample(_vp_model(sch, pred, guided=True, consistency=consistency), x_T, sch, steps, method=method,
+                   guidance=1.0, prediction=pred, seed=3, backend=backend)
+    assert x0.shape == x_T.shape and bool(torch.isfinite(x0).all())
+    return abs(x0.std().item() - target) / target
+
+
+@pytest.mark.parametrize("backend", LONG)
+@pytest.mark.parametrize("method,steps,tol", [("ddim", 100, 0.05), ("dpmpp_2m", 30, 0.06), ("ddpm", 300, 0.05)])
+def test_sample_vp_gaussian(backend, method, steps, tol):
+    err = _std_error(method, steps, backend)
+    assert err < tol, err
+    if method != "ddpm":
+        assert err < _std_error(method, steps // 2, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_lcm_and_short_loops(backend):
+    """LCM with an exact consistency function lands on the data's std in 4 steps; DDIM in 10 (every
+    backend, the interpreter included)."""
+    assert _std_error("lcm", 4, backend, pred="x0", consistency=True) < 0.03
+    assert _std_error("ddim", 10, backend) < 0.25
+
+
+@pytest.mark.parametrize("backend", LONG)
+def test_sample_edm_and_flow_gaussian(backend):
+    edm = fd.EDMSchedule()
+    D = lambda x, sig: S_DATA**2 * x / (S_DATA**2 + sig.reshape(-1, 1).to(x.dtype) ** 2)  # noqa: E731
+    errs = []
+    for steps in (20, 40):
+        x_T = 80.0 * fd.randn((4, 2048), seed=2, backend="cpu")
+        x0 = fd.sample(D, x_T, edm, steps, method="euler", backend=backend)
+        errs.append(abs(x0.std().item() - S_DATA * x_T.std().item() / 80.0) / S_DATA)
+    assert errs[1] < 0.09 and errs[1] < errs[0], errs
+
+    def v(x, sig):  # E[eps - x0 | x] for x = (1 - sig) x0 + sig eps
+        sig = sig.reshape(-1, 1).to(x.dtype)
+        var = (1 - sig) ** 2 * S_DATA**2 + sig**2
+        return sig * x / var - (1 - sig) * S_DATA**2 * x / var
+
+    errs = []
+    for steps in (15, 30):
+        x_T = fd.randn((4, 2048), seed=4, backend="cpu")
+        x0 = fd.sample(v, x_T, fd.FlowSchedule(shift=3.0), steps, method="flow_euler", backend=backend)
+        errs.append(abs(x0.std().item() - S_DATA * x_T.std().item()) / S_DATA)
+    assert errs[1] < 0.11 and errs[1] < errs[0], errs
+
+
+def test_sample_bad_input():
+    sch = fd.VPSchedule()
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"sample: method 'ddpm' draws noise: give source"):
+        fd.sample(lambda x, t: x, x, sch, 4, method="ddpm")
+    with pytest.raises(ValueError, match=r"sample: a VPSchedule takes method in ddim, ddpm, dpmpp_2m, lcm"):
+        fd.sample(lambda x, t: x, x, sch, 4, method="euler")
+    with pytest.raises(ValueError, match=r"with guidance, model_fn must return \(cond, uncond\)"):
+        fd.sample(lambda x, t: x, x, sch, 4, guidance=2.0)

@@ -227,4 +227,6 @@ _step_op.register_autograd(_backward, setup_context=_setup_context)
 from flashdistill.kernels.sampling.steps import (ddim_step, ddpm_step, dpmpp_2m_step, euler_step,  # noqa: E402
                                                  flow_euler_step, lcm_step)
 
-__all__ += ["ddim_step", "ddpm_step", "dpmpp_2m_step", "euler_step", "flow_euler_step", "lcm_step"]
+from flashdistill.kernels.sampling.loop import sample  # noqa: E402
+
+__all__ += ["ddim_step", "ddpm_step", "dpmpp_2m_step", "euler_step", "flow_euler_step", "lcm_step", "sample"]
