@@ -42,6 +42,52 @@ struct StepArgs {
   bool draw;
 };
 
+// The segment loops. `general` serves every combination: each absent input is replaced by a stand-in
+// (p and p_u by x, h and z by zeros) whose value a loop-invariant select drops (so a non-finite
+// stand-in cannot leak in) and each absent output by a scratch tile. Its 5 loads and 3 stores per
+// element cost ~2x a plain loop (measured, NOTES "samplers v0"), so the common steps have their own
+// loop: `plain` (x, p, optional p_u, optional given / drawn z, no history, no extra output) covers
+// q_sample and every deterministic or stochastic first-order step.
+template <typename T, typename C, typename ZT>
+inline void general(int64_t len, const T* __restrict__ xr, const T* __restrict__ pr, const T* __restrict__ pur,
+                    const T* __restrict__ hr, const ZT* __restrict__ zr, bool has_p, bool has_pu, C w, const C* cb,
+                    T* __restrict__ out, T* __restrict__ x0o, T* __restrict__ zo) {
+  const C ax = cb[0], ap = cb[1], kx = cb[2], k0 = cb[3], kh = cb[4], kz = cb[5];
+  for (int64_t j = 0; j < len; ++j) {
+    const C xv = C(load(xr, j)), pc = C(load(pr, j)), u = C(load(pur, j)), hv = C(load(hr, j));
+    const C zv = C(load(zr, j));
+    const C guided = has_pu ? u + w * (pc - u) : pc;
+    const C x0 = has_p ? ax * xv + ap * guided : ax * xv;    store(out, j, kx * xv + k0 * x0 + kh * hv + kz * zv);
+    store(x0o, j, x0);
+    store(zo, j, zv);
+  }
+}
+
+// out = c1 x + c2 cfg(p, p_u) + kz z, with c1 = kx + k0 ax, c2 = k0 ap folded per sample. ZK: 0 no
+// noise, 1 given (T), 2 drawn (C tile).
+template <typename T, typename C, bool HAS_P, bool HAS_PU, int ZK, typename ZT>
+inline void plain(int64_t len, const T* __restrict__ xr, const T* __restrict__ pr, const T* __restrict__ pur,
+                  const ZT* __restrict__ zr, C w, const C* cb, T* __restrict__ out, T* __restrict__ zo) {
+  const C c1 = cb[2] + cb[3] * cb[0], c2 = cb[3] * cb[1], kz = cb[5];
+  for (int64_t j = 0; j < len; ++j) {
+    C v = c1 * C(load(xr, j));
+    if constexpr (HAS_P) {
+      C pv = C(load(pr, j));
+      if constexpr (HAS_PU) {
+        const C u = C(load(pur, j));
+        pv = u + w * (pv - u);
+      }
+      v = v + c2 * pv;
+    }
+    if constexpr (ZK != 0) {
+      const C zv = C(load(zr, j));
+      v = v + kz * zv;
+      if (zo) store(zo, j, zv);
+    }
+    store(out, j, v);
+  }
+}
+
 template <typename T>
 void run(const StepArgs& a) {
   using C = typename Compute<T>::type;
@@ -59,54 +105,50 @@ void run(const StepArgs& a) {
   constexpr int64_t kTileElems = 1024;
   const int64_t D = a.D, n = a.B * D, n_tiles = (n + kTileElems - 1) / kTileElems;
   const int nthr = sched::threads_for(n);
-#pragma omp parallel for num_threads(nthr) if (nthr > 1) schedule(static)
-  for (int64_t ti = 0; ti < n_tiles; ++ti) {
-    const int64_t i0 = ti * kTileElems, m = std::min(kTileElems, n - i0);
-    C z[kTileElems];
-    if (a.draw) cpu_noise::normals(a.start + uint64_t(i0), m, a.seed, offset, z);
-    for (int64_t k = 0; k < m;) {  // the tile's segments, one per row it touches
-      const int64_t flat = i0 + k, b = flat / D, d0 = flat - b * D, len = std::min(m - k, D - d0);
-      const C ax = coef[6 * b], ap = coef[6 * b + 1], kx = coef[6 * b + 2], k0 = coef[6 * b + 3];
-      const C kh = coef[6 * b + 4], kz = coef[6 * b + 5];
-      const C w = wv ? wv[b] : C(a.w);
-      const T* xr = x + b * a.x_bs + d0;
-      const T* pr = p ? p + b * a.p_bs + d0 : nullptr;
-      const T* pur = pu ? pu + b * a.pu_bs + d0 : nullptr;
-      const T* nr = noise ? noise + b * a.noise_bs + d0 : nullptr;
-      const T* hr = h ? h + b * a.h_bs + d0 : nullptr;
-      const int64_t o = b * D + d0;
-      // branch-free passes over the segment (each vectorizes): the guided prediction, the noise, out
-      C pv[kTileElems], zv[kTileElems], x0[kTileElems];
-      if (pr) {
-        for (int64_t j = 0; j < len; ++j) pv[j] = C(load(pr, j));
-        if (pur)
-          for (int64_t j = 0; j < len; ++j) {
-            const C u = C(load(pur, j));
-            pv[j] = u + w * (pv[j] - u);
+#pragma omp parallel num_threads(nthr) if (nthr > 1)
+  {
+    alignas(64) T zeros[kTileElems], scratch_x0[kTileElems], scratch_z[kTileElems];
+    alignas(64) C z[kTileElems];
+    for (int64_t k = 0; k < kTileElems; ++k) zeros[k] = T{};
+#pragma omp for schedule(static)
+    for (int64_t ti = 0; ti < n_tiles; ++ti) {
+      const int64_t i0 = ti * kTileElems, m = std::min(kTileElems, n - i0);
+      if (a.draw) cpu_noise::normals(a.start + uint64_t(i0), m, a.seed, offset, z);
+      for (int64_t k = 0; k < m;) {  // the tile's segments, one per row it touches
+        const int64_t flat = i0 + k, b = flat / D, d0 = flat - b * D, len = std::min(m - k, D - d0);
+        const C* cb = coef + 6 * b;
+        const C w = wv ? wv[b] : C(a.w);
+        const T* xr = x + b * a.x_bs + d0;
+        const T* pr = p ? p + b * a.p_bs + d0 : xr;
+        const T* pur = pu ? pu + b * a.pu_bs + d0 : xr;
+        const T* hr = h ? h + b * a.h_bs + d0 : zeros;
+        const int64_t o = b * D + d0;
+        T* x0o = x0_out ? x0_out + o : scratch_x0;
+        T* zo = noise_out ? noise_out + o : scratch_z;
+        const T* nr = noise ? noise + b * a.noise_bs + d0 : zeros;
+        const bool fast = !h && !x0_out;
+        T* zo_fast = noise_out ? noise_out + o : nullptr;
+        if (fast && a.draw) {
+          if (!p) plain<T, C, false, false, 2>(len, xr, pr, pur, z + k, w, cb, out + o, zo_fast);
+          else if (!pu) plain<T, C, true, false, 2>(len, xr, pr, pur, z + k, w, cb, out + o, zo_fast);
+          else plain<T, C, true, true, 2>(len, xr, pr, pur, z + k, w, cb, out + o, zo_fast);
+        } else if (fast && !noise_out) {
+          if (noise) {
+            if (!p) plain<T, C, false, false, 1>(len, xr, pr, pur, nr, w, cb, out + o, zo_fast);
+            else if (!pu) plain<T, C, true, false, 1>(len, xr, pr, pur, nr, w, cb, out + o, zo_fast);
+            else plain<T, C, true, true, 1>(len, xr, pr, pur, nr, w, cb, out + o, zo_fast);
+          } else {
+            if (!p) plain<T, C, false, false, 0, T>(len, xr, pr, pur, nr, w, cb, out + o, nullptr);
+            else if (!pu) plain<T, C, true, false, 0, T>(len, xr, pr, pur, nr, w, cb, out + o, nullptr);
+            else plain<T, C, true, true, 0, T>(len, xr, pr, pur, nr, w, cb, out + o, nullptr);
           }
-      } else {
-        for (int64_t j = 0; j < len; ++j) pv[j] = C(0);
+        } else if (a.draw) {
+          general<T, C, C>(len, xr, pr, pur, hr, z + k, p != nullptr, pu != nullptr, w, cb, out + o, x0o, zo);
+        } else {
+          general<T, C, T>(len, xr, pr, pur, hr, nr, p != nullptr, pu != nullptr, w, cb, out + o, x0o, zo);
+        }
+        k += len;
       }
-      if (nr) {
-        for (int64_t j = 0; j < len; ++j) zv[j] = C(load(nr, j));
-      } else if (a.draw) {
-        for (int64_t j = 0; j < len; ++j) zv[j] = z[k + j];
-      } else {
-        for (int64_t j = 0; j < len; ++j) zv[j] = C(0);
-      }
-      for (int64_t j = 0; j < len; ++j) {
-        const C xv = C(load(xr, j));
-        x0[j] = ax * xv + ap * pv[j];
-        pv[j] = kx * xv + k0 * x0[j] + kz * zv[j];  // pv now holds out
-      }
-      if (hr)
-        for (int64_t j = 0; j < len; ++j) pv[j] = pv[j] + kh * C(load(hr, j));
-      for (int64_t j = 0; j < len; ++j) store(out, o + j, pv[j]);
-      if (x0_out)
-        for (int64_t j = 0; j < len; ++j) store(x0_out, o + j, x0[j]);
-      if (noise_out)
-        for (int64_t j = 0; j < len; ++j) store(noise_out, o + j, zv[j]);
-      k += len;
     }
   }
 }
