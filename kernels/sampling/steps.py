@@ -79,14 +79,7 @@ def ddim_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedu
     if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
         raise ValueError(f"{op}: eta must be a float >= 0, got {eta!r}")
     _needs_noise(op, eta > 0, seed, source)
-    for name, v in (("t", t), ("t_prev", t_prev)):
-        if not isinstance(v, Tensor) or v.dtype != torch.int64 or v.shape != (x.shape[0],) or v.device != x.device:
-            raise ValueError(f"{op}: {name} must be an int64 [{x.shape[0]}] tensor on {x.device}")
-    table = schedule.alphas_cumprod
-    ab_t = table.gather(0, t)
-    ab_p = torch.where(t_prev >= 0, table.gather(0, t_prev.clamp(min=0)), torch.ones_like(ab_t))
-    a_t, s_t = ab_t.sqrt(), (1 - ab_t).sqrt()
-    ax, ap = params.x0_coefficients(op, prediction, a_t, s_t, x.shape[0], x.device)
+    ab_t, ab_p, a_t, s_t, ax, ap = _vp_setup(op, x, t, t_prev, schedule, prediction)
     s = eta * torch.sqrt((1 - ab_p) / (1 - ab_t)) * torch.sqrt(1 - ab_t / ab_p)
     c = torch.sqrt((1 - ab_p - s**2).clamp(min=0))
     kx = c / s_t
@@ -94,6 +87,15 @@ def ddim_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedu
     return _run(op, model_output, x, ax, ap, kx, k0, s, uncond=uncond, guidance=guidance, cfg=cfg,
                 seed=seed if eta > 0 else None, offset=offset, source=source if eta > 0 else None,
                 return_x0=return_x0, backend=backend)
+
+
+def _vp_setup(op, x, t, t_prev, schedule, prediction):
+    """(abar_t, abar_prev, alpha_t, sigma_t, ax, ap): the pair of _vp_pair and the x0 coefficients of
+    the model's parameterization at t."""
+    ab_t, ab_p = _vp_pair(op, x, t, t_prev, schedule)
+    a_t, s_t = ab_t.sqrt(), (1 - ab_t).sqrt()
+    ax, ap = params.x0_coefficients(op, prediction, a_t, s_t, x.shape[0], x.device)
+    return ab_t, ab_p, a_t, s_t, ax, ap
 
 
 def _vp_pair(op, x, t, t_prev, schedule):
@@ -114,9 +116,7 @@ def ddpm_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedu
     the noise vanishes on the final step (t_prev = -1)."""
     op = "ddpm_step"
     _needs_noise(op, True, seed, source)
-    ab_t, ab_p = _vp_pair(op, x, t, t_prev, schedule)
-    a_t, s_t = ab_t.sqrt(), (1 - ab_t).sqrt()
-    ax, ap = params.x0_coefficients(op, prediction, a_t, s_t, x.shape[0], x.device)
+    ab_t, ab_p, a_t, s_t, ax, ap = _vp_setup(op, x, t, t_prev, schedule, prediction)
     alpha = ab_t / ab_p
     beta = 1 - alpha
     k0 = ab_p.sqrt() * beta / (1 - ab_t)
@@ -133,9 +133,7 @@ def lcm_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedul
     """LCM / consistency multistep (Luo et al. 2023): the consistency function's output c_skip x +
     c_out x0_hat, re-noised to t_prev (t_prev = -1: the final step returns the denoised sample)."""
     op = "lcm_step"
-    ab_t, ab_p = _vp_pair(op, x, t, t_prev, schedule)
-    a_t, s_t = ab_t.sqrt(), (1 - ab_t).sqrt()
-    ax, ap = params.x0_coefficients(op, prediction, a_t, s_t, x.shape[0], x.device)
+    ab_t, ab_p, a_t, s_t, ax, ap = _vp_setup(op, x, t, t_prev, schedule, prediction)
     st = timestep_scaling * t.to(torch.float64)
     c_skip = sigma_data**2 / (st**2 + sigma_data**2)
     c_out = st / torch.sqrt(st**2 + sigma_data**2)
@@ -158,11 +156,10 @@ def dpmpp_2m_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, sc
     h = lambda_prev - lambda_t, r0 = (lambda_t - lambda_last) / h, D1 = (x0 - x0_prev) / r0:
     x_next = (sigma_prev / sigma_t) x - alpha_prev (e^-h - 1)(x0 + D1 / 2)."""
     op = "dpmpp_2m_step"
-    ab_t, ab_p = _vp_pair(op, x, t, t_prev, schedule)
+    ab_t, ab_p, a_t, s_t, ax, ap = _vp_setup(op, x, t, t_prev, schedule, prediction)
     if bool((t_prev < 0).any()) if t_prev.device.type == "cpu" else False:
         raise ValueError(f"{op}: t_prev must be >= 0 (the final step to alpha_bar = 1 has lambda = inf; use ddim_step)")
-    a_t, s_t, a_p, s_p = ab_t.sqrt(), (1 - ab_t).sqrt(), ab_p.sqrt(), (1 - ab_p).sqrt()
-    ax, ap = params.x0_coefficients(op, prediction, a_t, s_t, x.shape[0], x.device)
+    a_p, s_p = ab_p.sqrt(), (1 - ab_p).sqrt()
     lam_t, lam_p = torch.log(a_t / s_t), torch.log(a_p / s_p)
     hh = lam_p - lam_t
     phi = torch.expm1(-hh)  # e^-h - 1

@@ -1,6 +1,6 @@
 // The CPU's vectorized twin of philox::normals (philox.h): the same stream elements, the same Philox
 // bits, the Box-Muller transform with vectorizable float32 log / sin / cos (polynomials on the float's
-// bits, like kd.h's exp) instead of libm's scalar calls. Results equal philox::normals within a few
+// bits: kd.h's log1p, and a polynomial sin / cos) instead of libm's scalar calls. Results equal philox::normals within a few
 // ulp (the log's and the angle's polynomials), the "normals within rounding" contract of the stream.
 //
 // Layout of the work: the tile's Philox blocks as structure-of-arrays (the 10 rounds run over all
@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "flashdistill/kd.h"
 #include "flashdistill/philox.h"
 
 namespace flashdistill {
@@ -24,24 +25,6 @@ constexpr int64_t kMaxBlocks = 260;  // a tile of up to 1024 elements at any ali
 
 inline float bits_f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t f_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
-
-// log(x) for normal x > 0: x = 2^e m, m in [sqrt(2)/2, sqrt(2)), log m = 2 atanh(s), s = (m-1)/(m+1).
-inline __attribute__((always_inline)) float log_pos(float x) {
-  const uint32_t u = f_bits(x);
-  int32_t e = int32_t(u >> 23) - 127;
-  float m = bits_f((u & 0x7fffffu) | 0x3f800000u);
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
-  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-  float p = 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  const float ef = float(e);
-  return ef * 0.693359375f + (2.0f * s * p + ef * -2.12194440e-4f);
-}
 
 // out[k] = normal of stream element idx0 + k (k < m <= 1024), float.
 inline void normals(uint64_t idx0, int64_t m, uint64_t seed, uint64_t offset, float* out) {
@@ -79,7 +62,7 @@ inline void normals(uint64_t idx0, int64_t m, uint64_t seed, uint64_t offset, fl
     float* __restrict__ os = ns[half];
     for (int64_t i = 0; i < nb; ++i) {
       const float u1 = float(int32_t((ev[i] >> 8) + 1u)) * (1.0f / 16777216.0f);
-      const float r = __builtin_sqrtf(-2.0f * log_pos(u1));
+      const float r = __builtin_sqrtf(-2.0f * kdmath::kd_log1p(u1 - 1.0f));  // u1 - 1 is exact (u1 = k 2^-24)
       const uint32_t k24 = od[i] >> 8;
       const uint32_t q = k24 >> 22;                                              // quadrant of 2 pi u2
       const float f = float(int32_t(k24 & 0x3fffffu)) * (1.0f / 4194304.0f);    // in [0, 1)

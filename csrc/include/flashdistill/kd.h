@@ -7,7 +7,7 @@
 // truncation < 1.2e-8 relative) or 13 (double, < 5e-18), scaled by 2^n through the exponent bits.
 // Arguments below the smallest normal's log give 0 (no subnormal results), above the largest finite
 // one +inf; NaN stays NaN. A few ulp (the Horner steps round separately: fp-contract=off).
-// kd_log1p(y), y >= 0 (finite): log(w), w = 1 + y, from w's exponent and atanh series in s = f/(2+f)
+// kd_log1p(y), y > -1 (finite): log(w), w = 1 + y, from w's exponent and atanh series in s = f/(2+f)
 // (|s| <= 0.1716; 5 terms float, 12 double), plus the fdlibm correction (y - (w - 1)) / w for the
 // rounding of w.
 #pragma once
