@@ -19,12 +19,13 @@ from flashdistill.kernels.kd import fused_linear_kd_loss, kd_loss, topk_kd_loss
 from flashdistill.kernels.regression import consistency_loss, dsm_loss
 from flashdistill.kernels.rng import NoiseSource, philox_bits, rand, randn
 from flashdistill.kernels.sampling import (EDMSchedule, FlowSchedule, TrigFlowSchedule, VPSchedule, ddim_step,
-                                          ddpm_step, dpmpp_2m_step, euler_step, flow_euler_step, lcm_step,
+                                          ddpm_step, dpmpp_2m_step, euler_step, flow_euler_step, heun_step, lcm_step,
                                           logit_normal_times, lognormal_sigmas, q_sample, sample, uniform_timesteps)
 from flashdistill.kernels.score_diff import dmd_loss, fdiv_weight, sds_loss, vsd_loss
 from flashdistill.kernels.score_identity import sfd_loss, sid_loss, sim_loss
 
-__all__ = ["NoiseSource", "philox_bits", "rand", "randn", "q_sample", "sample", "ddim_step", "ddpm_step", "dpmpp_2m_step", "lcm_step",
+__all__ = ["NoiseSource", "philox_bits", "rand", "randn", "q_sample", "sample", "ddim_step", "ddpm_step",
+           "dpmpp_2m_step", "lcm_step", "heun_step",
            "euler_step",
            "flow_euler_step",
            "VPSchedule", "EDMSchedule", "FlowSchedule",

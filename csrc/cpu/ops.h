@@ -77,8 +77,9 @@ void philox_fill(int64_t dtype, int64_t n, uint64_t seed, uintptr_t offset_ptr, 
                  uintptr_t out);
 
 // sampling.cpp: the affine sampler step out = kx x + k0 (ax x + ap cfg(p, p_u, w)) + kh h + kz z over
-// [B, D] rows (the file's top comment); coef [B, 6] of the compute type; h an optional history; z given (noise) or drawn (draw) from
-// the Philox stream (seed, *offset_ptr) at element start + b * D + d; x0_out, noise_out optional.
+// [B, D] rows (the file's top comment); coef [B, 8] of the compute type; h an optional history; z given (noise) or drawn (draw) from
+// the Philox stream (seed, *offset_ptr) at element start + b * D + d; x0_out (o2 = qx x + q0 x0) and
+// noise_out optional.
 void affine_step(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs, uintptr_t p, int64_t p_bs,
                  uintptr_t pu, int64_t pu_bs, uintptr_t h, int64_t h_bs, uintptr_t w_ptr, double w, uintptr_t coef,
                  uintptr_t noise, int64_t noise_bs, bool draw, uint64_t seed, uintptr_t offset_ptr, uint64_t start, uintptr_t out,

@@ -8,8 +8,9 @@
 //         (include/flashdistill/philox.h; flashdistill.randn's numbers) when drawing, else 0
 //   out = kx_b x + k0_b x0 + kh_b h + kz_b z   (h: an optional history tensor, DPM-Solver++(2M)'s
 //                                               previous x0)
-// and writes out, and x0 and the drawn z when asked. coef is [B, 6] (ax, ap, kx, k0, kh, kz) of the
-// compute type, w a per-sample array or a scalar.
+// and writes out, and when asked the secondary output o2 = qx_b x + q0_b x0 (x0 itself for qx = 0,
+// q0 = 1; Heun's half step, LCM's denoised sample otherwise) and the drawn z. coef is [B, 8]
+// (ax, ap, kx, k0, kh, kz, qx, q0) of the compute type, w a per-sample array or a scalar.
 //
 // Traffic per element (s = element size): read x and the predictions (1-3 s, + s for given noise),
 // write out (+ x0, + z): 3-4 passes for a guided deterministic step against eager's 8-14 (the
@@ -52,13 +53,13 @@ template <typename T, typename C, typename ZT>
 inline void general(int64_t len, const T* __restrict__ xr, const T* __restrict__ pr, const T* __restrict__ pur,
                     const T* __restrict__ hr, const ZT* __restrict__ zr, bool has_p, bool has_pu, C w, const C* cb,
                     T* __restrict__ out, T* __restrict__ x0o, T* __restrict__ zo) {
-  const C ax = cb[0], ap = cb[1], kx = cb[2], k0 = cb[3], kh = cb[4], kz = cb[5];
+  const C ax = cb[0], ap = cb[1], kx = cb[2], k0 = cb[3], kh = cb[4], kz = cb[5], qx = cb[6], q0 = cb[7];
   for (int64_t j = 0; j < len; ++j) {
     const C xv = C(load(xr, j)), pc = C(load(pr, j)), u = C(load(pur, j)), hv = C(load(hr, j));
     const C zv = C(load(zr, j));
     const C guided = has_pu ? u + w * (pc - u) : pc;
     const C x0 = has_p ? ax * xv + ap * guided : ax * xv;    store(out, j, kx * xv + k0 * x0 + kh * hv + kz * zv);
-    store(x0o, j, x0);
+    store(x0o, j, qx * xv + q0 * x0);
     store(zo, j, zv);
   }
 }
@@ -116,7 +117,7 @@ void run(const StepArgs& a) {
       if (a.draw) cpu_noise::normals(a.start + uint64_t(i0), m, a.seed, offset, z);
       for (int64_t k = 0; k < m;) {  // the tile's segments, one per row it touches
         const int64_t flat = i0 + k, b = flat / D, d0 = flat - b * D, len = std::min(m - k, D - d0);
-        const C* cb = coef + 6 * b;
+        const C* cb = coef + 8 * b;
         const C w = wv ? wv[b] : C(a.w);
         const T* xr = x + b * a.x_bs + d0;
         const T* pr = p ? p + b * a.p_bs + d0 : xr;

@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) affine_step_kernel(StepArgs a) {
       const uint64_t idx = (blk << 2) + uint64_t(j);
       if (idx < a.start || idx >= a.start + n) continue;
       const int64_t f = int64_t(idx - a.start), b = f / a.D, d = f - b * a.D;
-      const C* cb = coef + 6 * b;
+      const C* cb = coef + 8 * b;
       const C xv = C(to_c(x[b * a.x_bs + d]));
       C pv = C(0);
       if (p) {
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) affine_step_kernel(StepArgs a) {
       const C zv = noise ? C(to_c(noise[b * a.noise_bs + d])) : z[j];
       const C hv = h ? C(to_c(h[b * a.h_bs + d])) : C(0);
       out[f] = FromC<T>::cvt(cb[2] * xv + cb[3] * x0 + cb[5] * zv + cb[4] * hv);
-      if (x0_out) x0_out[f] = FromC<T>::cvt(x0);
+      if (x0_out) x0_out[f] = FromC<T>::cvt(cb[6] * xv + cb[7] * x0);
       if (noise_out) noise_out[f] = FromC<T>::cvt(zv);
     }
   }

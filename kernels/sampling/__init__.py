@@ -74,7 +74,7 @@ def q_sample(x0: Tensor, t: Optional[Tensor] = None, schedule=None, *, alpha=Non
         raise ValueError(f"{OP}: start must be an int in [0, 2^62), got {start!r}")
     backend = backends.requested(OP, backend, x0.device, IMPLEMENTED)
     zero = torch.zeros_like(a)
-    coef = torch.stack([zero, zero, a, zero, zero, s], 1)  # out = alpha x + sigma z
+    coef = torch.stack([zero, zero, a, zero, zero, s, zero, zero], 1)  # out = alpha x + sigma z
     xt, _, eps = torch.ops.flashdistill.affine_step(x0, None, None, None, None, 0.0, coef, noise, noise is None, seed,
                                                     off, start, False, return_noise, backend)
     if source is not None:
@@ -91,7 +91,7 @@ STEP = "affine_step"
 def _reference(x, p, pu, h, w_t, w, coef, noise, draw, seed, offset, start, want_x0, want_noise):
     cd = checks.compute_dtype(x.dtype)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    ax, ap, kx, k0, kh, kz = (c.reshape(shape) for c in coef.to(cd).unbind(1))
+    ax, ap, kx, k0, kh, kz, qx, q0 = (c.reshape(shape) for c in coef.to(cd).unbind(1))
     pv = torch.zeros((), dtype=cd, device=x.device)
     if p is not None:
         pv = p.to(cd)
@@ -109,7 +109,7 @@ def _reference(x, p, pu, h, w_t, w, coef, noise, draw, seed, offset, start, want
     if h is not None:
         out = out + kh * h.to(cd)
     out = out.to(x.dtype)
-    return (out, x0.to(x.dtype) if want_x0 else x.new_empty(0),
+    return (out, (qx * x.to(cd) + q0 * x0).to(x.dtype) if want_x0 else x.new_empty(0),
             z.expand(x.shape).to(x.dtype) if want_noise else x.new_empty(0))
 
 
@@ -162,8 +162,8 @@ def _validate(x, p, pu, h, w_t, coef, noise, draw):
         raise ValueError(f"{STEP}: pred_uncond needs pred")
     if w_t is not None:
         checks.per_sample(STEP, "guidance", w_t, B, cd, x.device)
-    if coef.shape != (B, 6) or coef.dtype != cd or coef.device != x.device:
-        raise ValueError(f"{STEP}: coef must be [{B}, 6] {cd} on {x.device}, got {tuple(coef.shape)} {coef.dtype}")
+    if coef.shape != (B, 8) or coef.dtype != cd or coef.device != x.device:
+        raise ValueError(f"{STEP}: coef must be [{B}, 8] {cd} on {x.device}, got {tuple(coef.shape)} {coef.dtype}")
     if draw and noise is not None:
         raise ValueError(f"{STEP}: draw and a given noise are exclusive")
 
@@ -172,7 +172,8 @@ def _validate(x, p, pu, h, w_t, coef, noise, draw):
 def _step_op(x: Tensor, pred: Optional[Tensor], pred_uncond: Optional[Tensor], hist: Optional[Tensor],
              w_t: Optional[Tensor], w: float, coef: Tensor, noise: Optional[Tensor], draw: bool, seed: int, offset: Tensor, start: int,
              want_x0: bool, want_noise: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(kx x + k0 x0 + kh hist + kz z, x0 = ax x + ap cfg(pred, pred_uncond, w) or empty, z or empty)."""
+    """(kx x + k0 x0 + kh hist + kz z, qx x + q0 x0 or empty, z or empty), x0 = ax x + ap cfg(pred,
+    pred_uncond, w); coef [B, 8] = (ax, ap, kx, k0, kh, kz, qx, q0)."""
     _validate(x, pred, pred_uncond, hist, w_t, coef, noise, draw)
     name = backends.resolve(STEP, backend, x.device, IMPLEMENTED)
     return _IMPLS[name](x, pred, pred_uncond, hist, w_t, w, coef, noise, draw, seed, offset, start, want_x0,
@@ -195,19 +196,21 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_out, g_x0, g_z):
-    """Per-sample scales: dL/dx0 = k0 g + g_x0; dL/dx = kx g + ax dL/dx0; dL/dp_hat = ap dL/dx0, split
-    over p_c and p_u by the guidance; dL/dhist = kh g; dL/dnoise = kz g. The coefficients get none."""
+    """Per-sample scales (g2 the gradient of the secondary output qx x + q0 x0): dL/dx0 = k0 g + q0 g2;
+    dL/dx = kx g + qx g2 + ax dL/dx0; dL/dp_hat = ap dL/dx0, split over p_c and p_u by the guidance;
+    dL/dhist = kh g; dL/dnoise = kz g. The coefficients get none."""
     coef, w_t = ctx.saved_tensors
     has_p, has_pu, has_h, has_noise = ctx.has
     if g_out is None and g_x0 is None:
         return (None,) * 15
     shape = (-1,) + (1,) * (ctx.dim - 1)
     cd = coef.dtype
-    ax, ap, kx, k0, kh, kz = (c.reshape(shape) for c in coef.unbind(1))
+    ax, ap, kx, k0, kh, kz, qx, q0 = (c.reshape(shape) for c in coef.unbind(1))
     g = g_out.to(cd) if g_out is not None else None
-    d0 = (k0 * g if g is not None else 0) + (g_x0.to(cd) if g_x0 is not None else 0)
+    g2 = g_x0.to(cd) if g_x0 is not None else None
+    d0 = (k0 * g if g is not None else 0) + (q0 * g2 if g2 is not None else 0)
     dtype = (g_out if g_out is not None else g_x0).dtype
-    gx = ((kx * g if g is not None else 0) + ax * d0).to(dtype)
+    gx = ((kx * g if g is not None else 0) + (qx * g2 if g2 is not None else 0) + ax * d0).to(dtype)
     gp = gpu = None
     if has_p:
         dp = ap * d0
@@ -225,8 +228,9 @@ _step_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 from flashdistill.kernels.sampling.steps import (ddim_step, ddpm_step, dpmpp_2m_step, euler_step,  # noqa: E402
-                                                 flow_euler_step, lcm_step)
+                                                 flow_euler_step, heun_step, lcm_step)
 
 from flashdistill.kernels.sampling.loop import sample  # noqa: E402
 
-__all__ += ["ddim_step", "ddpm_step", "dpmpp_2m_step", "euler_step", "flow_euler_step", "lcm_step", "sample"]
+__all__ += ["ddim_step", "ddpm_step", "dpmpp_2m_step", "euler_step", "flow_euler_step", "heun_step", "lcm_step",
+            "sample"]

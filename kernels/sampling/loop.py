@@ -13,7 +13,8 @@ is.
 
 Methods and the schedules they take:
     VPSchedule    "ddim" (eta), "ddpm", "dpmpp_2m", "lcm"       (timesteps evenly spaced, "trailing")
-    EDMSchedule   "euler"                                        (Karras sigmas, prediction x0 or eps)
+    EDMSchedule   "euler", "heun"                                (Karras sigmas, prediction x0 or eps;
+                                                                  Heun: 2 model calls a step, Euler last)
     FlowSchedule  "flow_euler"                                   (times 1 -> 0, shifted)
 """
 
@@ -84,13 +85,19 @@ def sample(model_fn: Callable, x_T: Tensor, schedule, steps: int, *, method: str
                 x = S.ddim_step(c, x, t, t_prev, schedule, **kw)
         return x
     if isinstance(schedule, EDMSchedule):
-        if method != "euler":
-            raise ValueError(f"sample: an EDMSchedule takes method 'euler', got {method!r}")
+        if method not in ("euler", "heun"):
+            raise ValueError(f"sample: an EDMSchedule takes method 'euler' or 'heun', got {method!r}")
         sig = schedule.karras_sigmas(steps, dev)
+        kw = dict(prediction=prediction or "x0", guidance=guidance, backend=backend)
         for i in range(steps):
-            c, u = call(x, sig[i].expand(B))
-            x = S.euler_step(c, x, sig[i].expand(B), sig[i + 1].expand(B), prediction=prediction or "x0", uncond=u,
-                             guidance=guidance, backend=backend)
+            s, s_next = sig[i].expand(B), sig[i + 1].expand(B)
+            c, u = call(x, s)
+            if method == "euler" or i + 1 == steps:  # the last step goes to sigma = 0: Euler (Karras Alg. 1)
+                x = S.euler_step(c, x, s, s_next, uncond=u, **kw)
+            else:
+                xp, half = S.heun_step(c, x, s, s_next, uncond=u, **kw)
+                c, u = call(xp, s_next)
+                x = S.heun_step(c, xp, s_next, None, half=half, sigma_prev=s, uncond=u, **kw)
         return x
     if isinstance(schedule, FlowSchedule):
         if method != "flow_euler":

@@ -80,3 +80,13 @@ def dpmpp_2m_step(x, x0_hat, x0_prev, abar_t, abar_prev, abar_last):
         r0 = (lam(abar_t) - lam(abar_last)) / h
         out = out - 0.5 * _b(a_p * torch.expm1(-h), x) * (x0_hat - x0_prev) / _b(r0, x)
     return out
+
+
+def heun_step(x, x0_hat, sigma, sigma_next, x0_hat_mid):
+    """Heun (Karras et al. 2022, Alg. 1, lines 5-8): d = (x - x0_hat) / sigma, x' = x + (sigma_next -
+    sigma) d, d' = (x' - x0_hat_mid) / sigma_next, x_next = x + (sigma_next - sigma)(d + d') / 2; x0_hat_mid
+    is a function of x' (the model evaluated there)."""
+    d = (x - x0_hat) / _b(sigma, x)
+    xp = x + _b(sigma_next - sigma, x) * d
+    dp = (xp - x0_hat_mid(xp)) / _b(sigma_next, x)
+    return x + _b(sigma_next - sigma, x) * (d + dp) / 2

@@ -12,6 +12,7 @@ once and writes x_next once (and x0_hat when asked, for LCM / DMD / DPM-Solver h
     dpmpp_2m_step(model_output, x, t, t_prev, t_prev2, x0_prev, schedule, ...)     DPM-Solver++(2M)
     lcm_step(model_output, x, t, t_prev, schedule, *, prediction="eps", ...)        LCM multistep
     euler_step(model_output, x, sigma, sigma_next, *, prediction="x0", ...)        EDM / VE
+    heun_step(...)                                                                 EDM, two stages
     flow_euler_step(model_output, x, sigma, sigma_next, ...)                      rectified flow
 
 Shared keyword options: ``uncond`` and ``guidance`` (classifier-free guidance on the model output,
@@ -32,7 +33,8 @@ from flashdistill.kernels.rng import _offset_tensor
 
 
 def _run(op, model_output, x, ax, ap, kx, k0, kz, *, uncond, guidance, cfg, seed, offset, source, return_x0,
-         backend, hist=None, kh=None):
+         backend, hist=None, kh=None, second=None):
+    """The affine_step call; ``second`` = (qx, q0) for the secondary output (default x0_hat: 0, 1)."""
     checks.tensor(op, "x", x, min_dim=2)
     checks.like(op, "model_output", model_output, "x", x)
     if uncond is not None:
@@ -41,7 +43,8 @@ def _run(op, model_output, x, ax, ap, kx, k0, kz, *, uncond, guidance, cfg, seed
     cd = checks.compute_dtype(x.dtype)
     if hist is not None:
         checks.like(op, "x0_prev", hist, "x", x)
-    coef = torch.stack([ax, ap, kx, k0, kh if kh is not None else torch.zeros_like(kx), kz], 1).to(cd)
+    qx, q0 = second if second is not None else (torch.zeros_like(kx), torch.ones_like(kx))
+    coef = torch.stack([ax, ap, kx, k0, kh if kh is not None else torch.zeros_like(kx), kz, qx, q0], 1).to(cd)
     stochastic = source is not None or seed is not None
     if stochastic:
         if source is not None and seed is not None:
@@ -195,6 +198,40 @@ def euler_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, prediction
     r = nxt / sig
     return _run(op, model_output, x, ax, ap, r, 1 - r, torch.zeros_like(sig), uncond=uncond, guidance=guidance,
                 cfg=cfg, seed=None, offset=0, source=None, return_x0=return_x0, backend=backend)
+
+
+def heun_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, half: Optional[Tensor] = None,
+              sigma_prev=None, prediction: str = "x0", uncond: Optional[Tensor] = None, guidance=None, cfg: str = "ho",
+              backend: Optional[str] = None):
+    """Heun's second-order step (Karras et al. 2022, Alg. 1) in two kernel calls, VE form.
+
+    Stage 1 (``half`` None): at (x_i, sigma_i = sigma), d_i = (x_i - x0_hat) / sigma_i; returns
+    (x', half) with x' = x_i + (sigma_next - sigma_i) d_i, the point the model is evaluated at next,
+    and half = x_i + (sigma_next - sigma_i) d_i / 2. Stage 2 (``half`` given, x = x', sigma = sigma_next
+    of stage 1, ``sigma_prev`` = sigma_i): d' = (x' - x0_hat') / sigma', x_{i+1} = half + (sigma' -
+    sigma_i) d' / 2. Each stage reads x and the model output once and writes its outputs once. With
+    sigma_next = 0 Karras et al. take the Euler step alone (stage 1's x')."""
+    op = "heun_step"
+    B = x.shape[0]
+    sig = params.per_sample_schedule(op, "sigma", sigma, B, x.device)
+    if prediction == "x0":
+        ax, ap = torch.zeros_like(sig), torch.ones_like(sig)
+    elif prediction == "eps":
+        ax, ap = torch.ones_like(sig), -sig
+    else:
+        raise ValueError(f"{op}: prediction={prediction!r} is not one of x0, eps (VE form)")
+    zero = torch.zeros_like(sig)
+    if half is None:
+        nxt = params.per_sample_schedule(op, "sigma_next", sigma_next, B, x.device)
+        r = (nxt - sig) / sig  # x' = x + r (x - x0) = (1 + r) x - r x0; half: r / 2
+        return _run(op, model_output, x, ax, ap, 1 + r, -r, zero, uncond=uncond, guidance=guidance, cfg=cfg,
+                    seed=None, offset=0, source=None, return_x0=True, backend=backend, second=(1 + r / 2, -r / 2))
+    if sigma_prev is None:
+        raise ValueError(f"{op}: stage 2 (half given) needs sigma_prev, the sigma of stage 1's x_i")
+    prev = params.per_sample_schedule(op, "sigma_prev", sigma_prev, B, x.device)
+    r = (sig - prev) / (2 * sig)  # x_next = half + (sigma' - sigma_i) (x' - x0') / (2 sigma')
+    return _run(op, model_output, x, ax, ap, r, -r, zero, uncond=uncond, guidance=guidance, cfg=cfg, seed=None,
+                offset=0, source=None, return_x0=False, backend=backend, hist=half, kh=torch.ones_like(sig))
 
 
 def flow_euler_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, uncond: Optional[Tensor] = None,

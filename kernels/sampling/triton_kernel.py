@@ -26,12 +26,12 @@ def _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scal
     f = tl.where(mask, flat, 0)
     b = f // D
     d = f - b * D
-    ax = tl.load(coef_ptr + 6 * b, mask=mask, other=0.0).to(C)
-    ap = tl.load(coef_ptr + 6 * b + 1, mask=mask, other=0.0).to(C)
-    kx = tl.load(coef_ptr + 6 * b + 2, mask=mask, other=0.0).to(C)
-    k0 = tl.load(coef_ptr + 6 * b + 3, mask=mask, other=0.0).to(C)
-    kh = tl.load(coef_ptr + 6 * b + 4, mask=mask, other=0.0).to(C)
-    kz = tl.load(coef_ptr + 6 * b + 5, mask=mask, other=0.0).to(C)
+    ax = tl.load(coef_ptr + 8 * b, mask=mask, other=0.0).to(C)
+    ap = tl.load(coef_ptr + 8 * b + 1, mask=mask, other=0.0).to(C)
+    kx = tl.load(coef_ptr + 8 * b + 2, mask=mask, other=0.0).to(C)
+    k0 = tl.load(coef_ptr + 8 * b + 3, mask=mask, other=0.0).to(C)
+    kh = tl.load(coef_ptr + 8 * b + 4, mask=mask, other=0.0).to(C)
+    kz = tl.load(coef_ptr + 8 * b + 5, mask=mask, other=0.0).to(C)
     x = tl.load(x_ptr + b * x_bs + d, mask=mask, other=0.0).to(C)
     p = tl.zeros_like(x)
     if HAS_P:
@@ -47,8 +47,10 @@ def _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scal
     if HAS_H:
         o = o + kh * tl.load(h_ptr + b * h_bs + d, mask=mask, other=0.0).to(C)
     triton_utils.store_rounded(out_ptr + f, o, mask)
-    if WRITE_X0:
-        triton_utils.store_rounded(x0_ptr + f, x0, mask)
+    if WRITE_X0:  # the secondary output qx x + q0 x0
+        qx = tl.load(coef_ptr + 8 * b + 6, mask=mask, other=0.0).to(C)
+        q0 = tl.load(coef_ptr + 8 * b + 7, mask=mask, other=0.0).to(C)
+        triton_utils.store_rounded(x0_ptr + f, qx * x + q0 * x0, mask)
     if WRITE_NOISE:
         triton_utils.store_rounded(nout_ptr + f, z, mask)
 
@@ -91,7 +93,7 @@ def _step_kernel(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_
 
 
 def affine_step(x, p, pu, h, w_t, w, coef, noise, draw, seed, offset, start, out, x0_out, noise_out):
-    """x, p, pu, h, noise: [B, D] with unit-stride rows (all but x may be None); coef [B, 6] and w_t [B]
+    """x, p, pu, h, noise: [B, D] with unit-stride rows (all but x may be None); coef [B, 8] and w_t [B]
     of the compute dtype (w_t may be None: the scalar w); out, x0_out, noise_out contiguous [B, D]."""
     B, D = x.shape
     n = B * D
