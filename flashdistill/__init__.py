@@ -15,7 +15,7 @@ Public API (every op takes ``backend=``; see ``flashdistill.kernels.backends``):
     noise and sampling: randn, rand, philox_bits, NoiseSource (one Philox stream on every backend);
         VPSchedule, EDMSchedule, FlowSchedule, TrigFlowSchedule, uniform_timesteps, lognormal_sigmas,
         logit_normal_times; q_sample, ddim_step, ddpm_step, dpmpp_2m_step, lcm_step, euler_step,
-        flow_euler_step (one fused kernel, guidance inside), sample (a whole few-step loop)
+        heun_step, flow_euler_step (one fused kernel, guidance inside), sample (a whole few-step loop)
 
 Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++/OpenMP), ``triton``, ``cuda`` (C++).
 ``flashdistill.use_backend(name)`` and ``FLASHDISTILL_BACKEND`` set the default; ``auto`` picks the
