@@ -62,7 +62,7 @@ def requested(op: str, backend: str | None, device: torch.device, implemented: t
     so that an unknown or unusable backend is reported under the user's op name (the custom op
     resolves "auto" itself, inside the graph)."""
     backend = default_backend() if backend is None else backend
-    if backend != "auto":
+    if backend != "auto" and not torch.compiler.is_compiling():  # under compile the op resolves at run time
         resolve(op, backend, device, implemented)
     return backend
 

@@ -142,7 +142,8 @@ def lcm_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, schedul
     c_out = st / torch.sqrt(st**2 + sigma_data**2)
     kz = (1 - ab_p).sqrt()
     stochastic = seed is not None or source is not None
-    if not stochastic and t_prev.device.type == "cpu" and bool((t_prev >= 0).any()):
+    if not stochastic and t_prev.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            bool((t_prev >= 0).any()):
         raise ValueError(f"{op}: re-noising to t_prev >= 0 needs seed (with offset) or source")
     return _run(op, model_output, x, ax, ap, ab_p.sqrt() * c_skip, ab_p.sqrt() * c_out, kz, uncond=uncond,
                 guidance=guidance, cfg=cfg, seed=seed, offset=offset, source=source, return_x0=return_x0,
@@ -160,7 +161,7 @@ def dpmpp_2m_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, sc
     x_next = (sigma_prev / sigma_t) x - alpha_prev (e^-h - 1)(x0 + D1 / 2)."""
     op = "dpmpp_2m_step"
     ab_t, ab_p, a_t, s_t, ax, ap = _vp_setup(op, x, t, t_prev, schedule, prediction)
-    if bool((t_prev < 0).any()) if t_prev.device.type == "cpu" else False:
+    if t_prev.device.type == "cpu" and not torch.compiler.is_compiling() and bool((t_prev < 0).any()):
         raise ValueError(f"{op}: t_prev must be >= 0 (the final step to alpha_bar = 1 has lambda = inf; use ddim_step)")
     a_p, s_p = ab_p.sqrt(), (1 - ab_p).sqrt()
     lam_t, lam_p = torch.log(a_t / s_t), torch.log(a_p / s_p)
@@ -242,7 +243,7 @@ def flow_euler_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, uncon
     B = x.shape[0]
     sig = params.per_sample_schedule(op, "sigma", sigma, B, x.device)
     nxt = params.per_sample_schedule(op, "sigma_next", sigma_next, B, x.device)
-    if bool((sig <= 0).any()) if sig.device.type == "cpu" else False:
+    if sig.device.type == "cpu" and not torch.compiler.is_compiling() and bool((sig <= 0).any()):
         raise ValueError(f"{op}: sigma must be > 0 (the step divides by it)")
     r = nxt / sig
     return _run(op, model_output, x, torch.ones_like(sig), -sig, r, 1 - r, torch.zeros_like(sig), uncond=uncond,
