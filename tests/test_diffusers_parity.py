@@ -92,3 +92,43 @@ def test_dpm_solver_pp_2m(backend):
         ours, x0 = fd.dpmpp_2m_step(eps, x, t, t_prev, _ours_vp(), x0_prev=x0_prev, t_last=t_last, backend=backend)
         _close(ours, ref)
         x, x0_prev, t_last = ref, x0, t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddpm_and_lcm_final_steps(backend):
+    """DDPM and LCM draw their noise from torch's generator inside diffusers, so the steps that add
+    none are compared: the last ones (to alpha_bar = 1)."""
+    x, eps = _inputs(5)
+    s = diffusers.DDPMScheduler(**SD, clip_sample=False, variance_type="fixed_small", timestep_spacing="trailing")
+    s.set_timesteps(10)
+    t = s.timesteps[-1]
+    ref = s.step(eps, t, x).prev_sample
+    ours = fd.ddpm_step(eps, x, t.expand(2).long(), torch.full((2,), -1), _ours_vp(), seed=1, backend=backend)
+    _close(ours, ref)
+    s = diffusers.LCMScheduler(**SD, timestep_spacing="trailing")
+    s.set_timesteps(4)
+    s._step_index = len(s.timesteps) - 1
+    out = s.step(eps, s.timesteps[-1], x)
+    ours = fd.lcm_step(eps, x, s.timesteps[-1].expand(2).long(), torch.full((2,), -1), _ours_vp(), backend=backend)
+    _close(ours, out.prev_sample)
+    _close(ours, out.denoised)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_heun_discrete(backend):
+    """One full Heun step (two model calls) of HeunDiscreteScheduler against our two stages."""
+    s = diffusers.HeunDiscreteScheduler(**SD)
+    s.set_timesteps(6)
+    sig = s.sigmas
+    x, _ = _inputs(6)
+    x_in = x * sig[0]
+    model = lambda xx, sg: 0.3 * xx / (1 + sg)  # noqa: E731  (an eps prediction)
+    s._step_index = 0
+    xp = s.step(model(x_in, float(sig[0])), s.timesteps[0], x_in).prev_sample
+    x_next = s.step(model(xp, float(sig[1])), s.timesteps[1], xp).prev_sample
+    s0, s1 = sig[0].double().expand(2), sig[1].double().expand(2)
+    o1, half = fd.heun_step(model(x_in, float(sig[0])), x_in, s0, s1, prediction="eps", backend=backend)
+    _close(o1, xp)
+    o2 = fd.heun_step(model(o1, float(sig[1])), o1, s1, None, half=half, sigma_prev=s0, prediction="eps",
+                      backend=backend)
+    _close(o2, x_next)
