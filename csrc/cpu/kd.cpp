@@ -159,12 +159,13 @@ template <typename T> void kd_row(const Args& a, int64_t r, typename Compute<T>:
   C* soft_rows = reinterpret_cast<C*>(a.soft_rows);
   C* hard_rows = reinterpret_cast<C*>(a.hard_rows);
 
-  const C rw = a.row_weight ? reinterpret_cast<const C*>(a.row_weight)[r] : C(1);
-  const int64_t y = a.labels ? reinterpret_cast<const int64_t*>(a.labels)[r] : int64_t(-1);
-  const C hw = a.hard_weight ? reinterpret_cast<const C*>(a.hard_weight)[r] : C(0);
-  const bool has_label = y >= 0;
-  const bool hard_grad = has_label && hw != C(0);
-  const bool need_ce = has_label && (hard_grad || hard_rows != nullptr);
+  const RowWeights<C> rwt = row_weights<C>(reinterpret_cast<const void*>(a.row_weight),
+                                           reinterpret_cast<const void*>(a.labels),
+                                           reinterpret_cast<const void*>(a.hard_weight), r);
+  const C rw = rwt.rw, hw = rwt.hw;
+  const int64_t y = rwt.y;
+  const bool hard_grad = rwt.hard_grad;
+  const bool need_ce = y >= 0 && (hard_grad || hard_rows != nullptr);
 
   if (rw == C(0) && !hard_grad) {  // masked row
     soft_rows[r] = C(0);
@@ -480,10 +481,12 @@ template <typename T> int64_t topk_row(const TopkArgs& a, int64_t r, TopkScratch
   T* g = reinterpret_cast<T*>(a.grad) + r * V;
   C* soft_rows = reinterpret_cast<C*>(a.soft_rows);
   C* hard_rows = reinterpret_cast<C*>(a.hard_rows);
-  const C rw = reinterpret_cast<const C*>(a.row_weight)[r];
-  const int64_t y = a.labels ? reinterpret_cast<const int64_t*>(a.labels)[r] : int64_t(-1);
-  const C hw = a.hard_weight ? reinterpret_cast<const C*>(a.hard_weight)[r] : C(0);
-  const bool hard_grad = y >= 0 && hw != C(0);
+  const RowWeights<C> rwt = row_weights<C>(reinterpret_cast<const void*>(a.row_weight),
+                                           reinterpret_cast<const void*>(a.labels),
+                                           reinterpret_cast<const void*>(a.hard_weight), r);
+  const C rw = rwt.rw, hw = rwt.hw;
+  const int64_t y = rwt.y;
+  const bool hard_grad = rwt.hard_grad;
   const bool need_ce = y >= 0 && (hard_grad || hard_rows != nullptr);
   constexpr C zero = C(0);
   alignas(64) C gt[kTile], zt[kTile];

@@ -111,10 +111,10 @@ __global__ void __launch_bounds__(kThreads) kd_rows_kernel(KdArgs a) {
   T* g_row = reinterpret_cast<T*>(a.grad) + r * a.s_width;
   C* soft_rows = reinterpret_cast<C*>(a.soft_rows);
   C* hard_rows = reinterpret_cast<C*>(a.hard_rows);
-  const C rw = reinterpret_cast<const C*>(a.row_weight)[r];
-  const int64_t y = a.labels ? reinterpret_cast<const int64_t*>(a.labels)[r] : int64_t(-1);
-  const C hw = a.hard_weight ? reinterpret_cast<const C*>(a.hard_weight)[r] : C(0);
-  const bool hard_grad = y >= 0 && hw != C(0);
+  const RowWeights<C> rwt = row_weights<C>(a.row_weight, a.labels, a.hard_weight, r);
+  const C rw = rwt.rw, hw = rwt.hw;
+  const int64_t y = rwt.y;
+  const bool hard_grad = rwt.hard_grad;
   const int64_t V = a.V;
   const C Tc = C(a.T);
   const bool t_one = a.T == 1.0;
@@ -277,10 +277,10 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(TopkArgs a) {
   const C* lp = reinterpret_cast<const C*>(a.logprobs) + r * K;
   C* soft_rows = reinterpret_cast<C*>(a.soft_rows);
   C* hard_rows = reinterpret_cast<C*>(a.hard_rows);
-  const C rw = reinterpret_cast<const C*>(a.row_weight)[r];
-  const int64_t y = a.labels ? reinterpret_cast<const int64_t*>(a.labels)[r] : int64_t(-1);
-  const C hw = a.hard_weight ? reinterpret_cast<const C*>(a.hard_weight)[r] : C(0);
-  const bool hard_grad = y >= 0 && hw != C(0);
+  const RowWeights<C> rwt = row_weights<C>(a.row_weight, a.labels, a.hard_weight, r);
+  const C rw = rwt.rw, hw = rwt.hw;
+  const int64_t y = rwt.y;
+  const bool hard_grad = rwt.hard_grad;
   const C Tc = C(a.T), ratio = C(a.ratio);
   const bool t_one = a.T == 1.0;
 

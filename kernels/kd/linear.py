@@ -184,9 +184,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
         chunk_size = max(1, budget // (max(V, width) * n_buf * torch.finfo(cd).bits // 8))
     chunk_size = min(chunk_size, N)
     lam_t = lam.reshape(()).to(cd) if isinstance(lam, Tensor) else None  # TAID's scheduled lam
-    grad_on = torch.is_grad_enabled()
-    need = ((NEED_H if grad_on and h.requires_grad else 0) | (NEED_W if grad_on and w.requires_grad else 0)
-            | (NEED_B if grad_on and b is not None and b.requires_grad else 0))
+    need = _need(h, w, b)
     loss, soft, hard, *_ = torch.ops.flashdistill.fused_linear_kd(
         h2, w, b, tl, th, tw, tb, tids, tlp, topk_code if tids is not None else KINDS[divergence], width,
         float(ratio), float(temperature), float(beta), float(alpha), 0.5 if lam_t is not None else float(lam), lam_t,
@@ -221,9 +219,7 @@ def _parallel(h, w, b, tl, th, tw, tb, tids, vocab, divergence, temperature, t_s
     N = h2.shape[0]
     if chunk_size is None:
         chunk_size = max(1, WORKSPACE_BYTES["cuda" if h.is_cuda else "cpu"] // (V_r * 3 * torch.finfo(cd).bits // 8))
-    grad_on = torch.is_grad_enabled()
-    need = ((NEED_H if grad_on and h.requires_grad else 0) | (NEED_W if grad_on and w.requires_grad else 0)
-            | (NEED_B if grad_on and b is not None and b.requires_grad else 0))
+    need = _need(h, w, b)
     lam = lam.reshape(()).to(cd) if isinstance(lam, Tensor) else float(lam)
     loss, soft, hard = _FusedParallel.apply(h2, w, b, tl, th, tw, tb, KINDS[divergence], float(temperature),
                                             float(beta), float(alpha), lam, float(softcap or 0.0),
@@ -246,6 +242,13 @@ def _pack(pack_valid, on_gpu, has_labels, row_w, hard_w, *rows):
             pick = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
     row_w, hard_w = pick(row_w), pick(hard_w)
     return (pick(rows[0]), row_w, hard_w, *(pick(x) for x in rows[1:]))
+
+
+def _need(h, w, b) -> int:
+    """The NEED_* bits of the gradients autograd will ask for."""
+    on = torch.is_grad_enabled()
+    return ((NEED_H if on and h.requires_grad else 0) | (NEED_W if on and w.requires_grad else 0)
+            | (NEED_B if on and b is not None and b.requires_grad else 0))
 
 
 def _implemented(tids):

@@ -181,6 +181,15 @@ def dpmpp_2m_step(model_output: Tensor, x: Tensor, t: Tensor, t_prev: Tensor, sc
                 seed=None, offset=0, source=None, return_x0=True, backend=backend, hist=x0_prev, kh=kh)
 
 
+def _ve_x0(op, prediction, sig):
+    """(ax, ap) of x0_hat = ax x + ap pred on x = x0 + sigma eps: the EDM denoiser ("x0") or "eps"."""
+    if prediction == "x0":
+        return torch.zeros_like(sig), torch.ones_like(sig)
+    if prediction == "eps":
+        return torch.ones_like(sig), -sig
+    raise ValueError(f"{op}: prediction={prediction!r} is not one of x0, eps (VE form)")
+
+
 def euler_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, prediction: str = "x0",
                uncond: Optional[Tensor] = None, guidance=None, cfg: str = "ho", return_x0: bool = False,
                backend: Optional[str] = None):
@@ -190,12 +199,7 @@ def euler_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, prediction
     B = x.shape[0]
     sig = params.per_sample_schedule(op, "sigma", sigma, B, x.device)
     nxt = params.per_sample_schedule(op, "sigma_next", sigma_next, B, x.device)
-    if prediction == "x0":
-        ax, ap = torch.zeros_like(sig), torch.ones_like(sig)
-    elif prediction == "eps":
-        ax, ap = torch.ones_like(sig), -sig
-    else:
-        raise ValueError(f"{op}: prediction={prediction!r} is not one of x0, eps (VE form)")
+    ax, ap = _ve_x0(op, prediction, sig)
     r = nxt / sig
     return _run(op, model_output, x, ax, ap, r, 1 - r, torch.zeros_like(sig), uncond=uncond, guidance=guidance,
                 cfg=cfg, seed=None, offset=0, source=None, return_x0=return_x0, backend=backend)
@@ -215,12 +219,7 @@ def heun_step(model_output: Tensor, x: Tensor, sigma, sigma_next, *, half: Optio
     op = "heun_step"
     B = x.shape[0]
     sig = params.per_sample_schedule(op, "sigma", sigma, B, x.device)
-    if prediction == "x0":
-        ax, ap = torch.zeros_like(sig), torch.ones_like(sig)
-    elif prediction == "eps":
-        ax, ap = torch.ones_like(sig), -sig
-    else:
-        raise ValueError(f"{op}: prediction={prediction!r} is not one of x0, eps (VE form)")
+    ax, ap = _ve_x0(op, prediction, sig)
     zero = torch.zeros_like(sig)
     if half is None:
         nxt = params.per_sample_schedule(op, "sigma_next", sigma_next, B, x.device)

@@ -32,6 +32,26 @@ enum KdKind : int64_t {
   kKdTAID = 8,  // forward KL to p_lam = softmax(lam v + (1 - lam) sg(u)) (TAID); lam is the lam argument
 };
 
+// Row r's weights in the row kernels' ABI (csrc/README.md): the soft weight (1 without the array),
+// the label (-1 without labels), the hard-CE weight (0 without the array), and whether the row
+// has a hard-CE gradient.
+template <typename C> struct RowWeights {
+  C rw;
+  int64_t y;
+  C hw;
+  bool hard_grad;
+};
+
+template <typename C>
+FD_HD RowWeights<C> row_weights(const void* row_weight, const void* labels, const void* hard_weight, int64_t r) {
+  RowWeights<C> w;
+  w.rw = row_weight ? static_cast<const C*>(row_weight)[r] : C(1);
+  w.y = labels ? static_cast<const int64_t*>(labels)[r] : int64_t(-1);
+  w.hw = hard_weight ? static_cast<const C*>(hard_weight)[r] : C(0);
+  w.hard_grad = w.y >= 0 && w.hw != C(0);
+  return w;
+}
+
 namespace kdmath {
 
 // Forced inline on the host: gcc otherwise keeps the double versions as calls, which stops the
