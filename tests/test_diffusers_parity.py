@@ -132,3 +132,41 @@ def test_heun_discrete(backend):
     o2 = fd.heun_step(model(o1, float(sig[1])), o1, s1, None, half=half, sigma_prev=s0, prediction="eps",
                       backend=backend)
     _close(o2, x_next)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["ddpm", "lcm"])
+def test_ddpm_and_lcm_noisy_steps(backend, which, monkeypatch):
+    """The intermediate steps, which add noise: diffusers draws it with its own ``randn_tensor``, which
+    this test replaces by our stream (seed, offset) so both sides add the same z."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+    import diffusers.schedulers.scheduling_lcm as lcm_mod
+
+    seed = 7
+    state = {"offset": 0}
+
+    def our_noise(shape, generator=None, device=None, dtype=None, **_):
+        return fd.randn(shape, seed=seed, offset=state["offset"], backend="cpu").to(dtype)
+
+    monkeypatch.setattr(ddpm_mod if which == "ddpm" else lcm_mod, "randn_tensor", our_noise)
+    x, eps = _inputs(8)
+    if which == "ddpm":
+        s = diffusers.DDPMScheduler(**SD, clip_sample=False, variance_type="fixed_small", timestep_spacing="trailing")
+        s.set_timesteps(10)
+        steps = (0, 4, 8)
+    else:
+        s = diffusers.LCMScheduler(**SD, timestep_spacing="trailing")
+        s.set_timesteps(4)
+        steps = (0, 1, 2)
+    ts = s.timesteps
+    for i in steps:
+        state["offset"] = i
+        t, t_prev = ts[i].expand(2).long(), ts[i + 1].expand(2).long()
+        if which == "ddpm":
+            ref = s.step(eps, ts[i], x).prev_sample
+            ours = fd.ddpm_step(eps, x, t, t_prev, _ours_vp(), seed=seed, offset=i, backend=backend)
+        else:
+            s._step_index = i
+            ref = s.step(eps, ts[i], x).prev_sample
+            ours = fd.lcm_step(eps, x, t, t_prev, _ours_vp(), seed=seed, offset=i, backend=backend)
+        _close(ours, ref)
