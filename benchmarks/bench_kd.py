@@ -126,11 +126,9 @@ faults of every fresh [N, V] tensor.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import gc
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -406,90 +404,20 @@ def check(bench: harness.Bench, spec: Spec, impls: dict, args: tuple) -> set[str
 # Peak memory of one step beyond its inputs
 
 
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise OSError(f"no {key} in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """VmHWM := VmRSS (Linux >= 4.0); False where that is not possible or did not happen."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kb("VmHWM") <= _status_kb("VmRSS") + 4096  # a few MB of slack: RSS moves between reads
-    except OSError:
-        return False
-
-
-def _release_freed() -> None:
-    """Return freed heap to the OS, so that the baseline RSS holds only live memory: glibc keeps freed
-    chunks below its mmap threshold (up to 32 MiB, so the 8 MB [N, H] gradients), and a step reusing
-    them would not raise the RSS."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: the baseline may include freed memory, the peak then reads low
-
-
-def _peak_child(conn, spec: Spec, impl: str, threads: int) -> None:
-    """In a spawned process: (peak bytes beyond inputs, whether it is the second step's) through conn."""
-    try:
-        torch.set_num_threads(threads)
-        fd, reference, _ = import_flashdistill()
-        backend = [impl.removeprefix("flashdistill:")] if impl.startswith("flashdistill:") else []
-        fn = make_impls(spec, fd, reference, backend, compile=impl == "compile", liger=False)[impl]
-        step = make_step(fn)
-        args = make_inputs(spec, torch.Generator().manual_seed(0))
-        second = _reset_peak_rss()  # tried before any step: without it, the first step is the one measured
-        if second:
-            step(*args)  # compiles for compile; lazy initialization for the others
-            reset_grads(*args)
-        _release_freed()
-        before = _status_kb("VmRSS")
-        if second and not _reset_peak_rss():
-            raise RuntimeError("the peak RSS could be reset once but not twice")
-        step(*args)
-        conn.send(("ok", (_status_kb("VmHWM") - before) * 1024, second))
-    except BaseException as e:  # noqa: BLE001  (the parent reports it)
-        conn.send(("error", f"{type(e).__name__}: {e}", False))
-    finally:
-        conn.close()
+def _peak_build(spec: Spec, impl: str):
+    """In harness.peak_cpu's child process: (step, inputs, reset) of one impl (spawn-picklable)."""
+    fd, reference, _ = import_flashdistill()
+    backend = [impl.removeprefix("flashdistill:")] if impl.startswith("flashdistill:") else []
+    fn = make_impls(spec, fd, reference, backend, compile=impl == "compile", liger=False)[impl]
+    return make_step(fn), make_inputs(spec, torch.Generator().manual_seed(0)), reset_grads
 
 
 def peak_cpu(spec: Spec, impl: str) -> tuple[int, bool]:
-    """(peak RSS bytes of one step beyond the inputs, measured on the second step), in a fresh process:
-    the CPU has no allocator counter and RSS is per process."""
-    ctx = multiprocessing.get_context("spawn")  # fork would inherit this process's pools and tensors
-    recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_peak_child, args=(send, spec, impl, torch.get_num_threads()))
-    p.start()
-    send.close()
-    try:
-        status, value, second = recv.recv()
-    except EOFError:
-        p.join()
-        status, value, second = "error", f"the child process died (exit code {p.exitcode})", False
-    p.join()
-    if status != "ok":
-        raise RuntimeError(f"peak memory of {impl}: {value}")
-    return value, second
+    return harness.peak_cpu(_peak_build, spec, impl)
 
 
 def peak_cuda(step: Callable, args: tuple, device: torch.device) -> int:
-    """Bytes the caching allocator hands out during the second step beyond what was allocated before it."""
-    step(*args)
-    reset_grads(*args)
-    gc.collect()
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step(*args)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    reset_grads(*args)
-    return peak
+    return harness.peak_cuda(step, args, device, reset_grads)
 
 
 # ----------------------------------------------------------------------------------------------------

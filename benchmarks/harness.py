@@ -36,12 +36,14 @@ report`` prints markdown tables of the latest CSV rows.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import csv
 import dataclasses
 import datetime
 import functools
 import gc
 import math
+import multiprocessing
 import os
 import platform
 import statistics
@@ -745,6 +747,92 @@ def choose_backends(fd, cfg: Config, name: str) -> list[str]:
     skipped += [f"{b} ({fd.backend_status(b, device)[1]})" for b in fd.BACKENDS if b not in avail]
     log(f"[{name}] flashdistill backends timed: {', '.join(chosen) or 'none'}; skipped: {'; '.join(skipped)}")
     return chosen
+
+
+# ----------------------------------------------------------------------------------------------------
+# Peak memory of one step beyond its inputs (CPU: RSS in a fresh process; CUDA: the caching allocator)
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """VmHWM := VmRSS (Linux >= 4.0); False where that is not possible or did not happen."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmHWM") <= _status_kb("VmRSS") + 4096  # a few MB of slack: RSS moves between reads
+    except OSError:
+        return False
+
+
+def _release_freed() -> None:
+    """Return freed heap to the OS, so that the baseline RSS holds only live memory: glibc keeps freed
+    chunks below its mmap threshold (up to 32 MiB), and a step reusing them would not raise the RSS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the baseline may include freed memory, the peak then reads low
+
+
+def _peak_child(conn, build: Callable, build_args: tuple, threads: int) -> None:
+    """In a spawned process: (peak bytes beyond inputs, whether it is the second step's) through conn."""
+    try:
+        torch.set_num_threads(threads)
+        step, args, reset = build(*build_args)
+        second = _reset_peak_rss()  # tried before any step: without it, the first step is the one measured
+        if second:
+            step(*args)  # compiles for compile; lazy initialization for the others
+            reset(*args)
+        _release_freed()
+        before = _status_kb("VmRSS")
+        if second and not _reset_peak_rss():
+            raise RuntimeError("the peak RSS could be reset once but not twice")
+        step(*args)
+        conn.send(("ok", (_status_kb("VmHWM") - before) * 1024, second))
+    except BaseException as e:  # noqa: BLE001  (the parent reports it)
+        conn.send(("error", f"{type(e).__name__}: {e}", False))
+    finally:
+        conn.close()
+
+
+def peak_cpu(build: Callable, *build_args) -> tuple[int, bool]:
+    """(peak RSS bytes of one step beyond its inputs, whether the second step was measured), in a fresh
+    process (the CPU has no allocator counter and RSS is per process). ``build(*build_args)`` runs in
+    the child and returns (step, args, reset): a module-level function, picklable for spawn."""
+    ctx = multiprocessing.get_context("spawn")  # fork would inherit this process's pools and tensors
+    recv, send = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_peak_child, args=(send, build, build_args, torch.get_num_threads()))
+    p.start()
+    send.close()
+    try:
+        status, value, second = recv.recv()
+    except EOFError:
+        p.join()
+        status, value, second = "error", f"the child process died (exit code {p.exitcode})", False
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"peak memory: {value}")
+    return value, second
+
+
+def peak_cuda(step: Callable, args: tuple, device: torch.device, reset: Callable) -> int:
+    """Bytes the caching allocator hands out during the second step beyond what was allocated before it."""
+    step(*args)
+    reset(*args)
+    gc.collect()
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(*args)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    reset(*args)
+    return peak
 
 
 class Bench:

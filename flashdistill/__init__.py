@@ -16,6 +16,8 @@ Public API (every op takes ``backend=``; see ``flashdistill.kernels.backends``):
         VPSchedule, EDMSchedule, FlowSchedule, TrigFlowSchedule, uniform_timesteps, lognormal_sigmas,
         logit_normal_times; q_sample, ddim_step, ddpm_step, dpmpp_2m_step, lcm_step, euler_step,
         heun_step, flow_euler_step (one fused kernel, guidance inside), sample (a whole few-step loop)
+    attention: attention (flash forward/backward, GQA, causal), attention_kd_loss (streaming
+        attention-map KL), sdpa and use_flashdistill_attention (drop-ins for SDPA)
 
 Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++/OpenMP), ``triton``, ``cuda`` (C++).
 ``flashdistill.use_backend(name)`` and ``FLASHDISTILL_BACKEND`` set the default; ``auto`` picks the

@@ -9,9 +9,11 @@ Score-distillation families (one kernel skeleton each, csrc/README.md):
     score_diff       K1, gradient to x only: dmd_loss, sds_loss, vsd_loss (+ fdiv_weight)
     score_identity   K2, gradient to x and both predictions: sid_loss, sim_loss, sfd_loss
     regression       K3/K5, gradient to the prediction: consistency_loss, dsm_loss
+    attention        flash attention forward/backward, attention_kd_loss, sdpa (drop-in)
     params           prediction parameterizations (to_x0, convert) and guidance conventions
 """
 
+from flashdistill.kernels.attention import attention, attention_kd_loss, sdpa, use_flashdistill_attention
 from flashdistill.kernels.backends import BACKENDS, available_backends, backend_status, use_backend
 from flashdistill.kernels import grad_scale  # noqa: F401  (registers flashdistill::grad_scale)
 from flashdistill.kernels.params import convert, to_x0
@@ -24,7 +26,7 @@ from flashdistill.kernels.sampling import (EDMSchedule, FlowSchedule, TrigFlowSc
 from flashdistill.kernels.score_diff import dmd_loss, fdiv_weight, sds_loss, vsd_loss
 from flashdistill.kernels.score_identity import sfd_loss, sid_loss, sim_loss
 
-__all__ = ["NoiseSource", "philox_bits", "rand", "randn", "q_sample", "sample", "ddim_step", "ddpm_step",
+__all__ = ["attention", "attention_kd_loss", "sdpa", "use_flashdistill_attention", "NoiseSource", "philox_bits", "rand", "randn", "q_sample", "sample", "ddim_step", "ddpm_step",
            "dpmpp_2m_step", "lcm_step", "heun_step",
            "euler_step",
            "flow_euler_step",
