@@ -88,8 +88,6 @@ def _check_attention(backend, case, dtype, seed=0, *, noncontig=False, scale=Non
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_attention(backend, case, dtype):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("triton: float32 and 16-bit only")
     _check_attention(backend, case, dtype)
 
 
@@ -105,9 +103,11 @@ def test_attention_noncontiguous_and_scale(backend):
     _check_attention(backend, CASES[4], torch.float32, seed=2, noncontig=True, scale=0.37)
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", LONG, ids=_case_id)
 def test_attention_long(backend, case):
+    if backend == "triton" and case[3] > 97:
+        pytest.skip("the interpreter takes ~30 s here: -m full runs it")
     _check_attention(backend, case, torch.float32, seed=3)
 
 
@@ -234,8 +234,6 @@ def _check_kd(backend, case, dtype, seed=0, reduction="mean"):
 @pytest.mark.parametrize("case", KD_CASES, ids=_kd_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_attention_kd_loss(backend, case, dtype):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("triton: float32 and 16-bit only")
     _check_kd(backend, case, dtype)
 
 
