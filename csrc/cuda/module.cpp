@@ -112,6 +112,62 @@ void affine_step(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs,
                         ptr<CUstream_st>(stream));
 }
 
+// Attention (csrc/README.md, "Attention (issue #6)"): every input as (pointer, batch, head, row strides).
+void attention_forward(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, int64_t Lq, int64_t Lk, int64_t D,
+                       uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
+                       uintptr_t k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
+                       uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+                       int64_t causal, double scale, uintptr_t out, uintptr_t lse, uintptr_t stream) {
+  gpu::attention_forward_cuda(dtype, B, Hq, Hk, Lq, Lk, D, ptr<const void>(q), q_sb, q_sh, q_sl,
+                              ptr<const void>(k), k_sb, k_sh, k_sl, ptr<const void>(v), v_sb, v_sh, v_sl, causal, scale,
+                              ptr<void>(out), ptr<void>(lse), ptr<CUstream_st>(stream));
+}
+
+void attention_backward(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, int64_t Lq, int64_t Lk, int64_t D,
+                        uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
+                        uintptr_t k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
+                        uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+                        uintptr_t out, uintptr_t dout, uintptr_t lse, int64_t causal, double scale,
+                        uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t workspace, int64_t workspace_bytes,
+                        uintptr_t stream) {
+  gpu::attention_backward_cuda(dtype, B, Hq, Hk, Lq, Lk, D, ptr<const void>(q), q_sb, q_sh, q_sl,
+                               ptr<const void>(k), k_sb, k_sh, k_sl, ptr<const void>(v), v_sb, v_sh, v_sl,
+                               ptr<const void>(out), ptr<const void>(dout), ptr<const void>(lse), causal, scale,
+                               ptr<void>(dq), ptr<void>(dk), ptr<void>(dv), ptr<void>(workspace), workspace_bytes,
+                               ptr<CUstream_st>(stream));
+}
+
+void attention_kd_forward(int64_t dtype, int64_t B, int64_t H, int64_t Hks, int64_t Hkt, int64_t Lq, int64_t Lk,
+                          int64_t Ds, int64_t Dt,
+                          uintptr_t qs, int64_t qs_sb, int64_t qs_sh, int64_t qs_sl,
+                          uintptr_t ks, int64_t ks_sb, int64_t ks_sh, int64_t ks_sl,
+                          uintptr_t qt, int64_t qt_sb, int64_t qt_sh, int64_t qt_sl,
+                          uintptr_t kt, int64_t kt_sb, int64_t kt_sh, int64_t kt_sl,
+                          int64_t causal, double scale_s, double scale_t,
+                          uintptr_t kl, uintptr_t lse_s, uintptr_t lse_t, uintptr_t stream) {
+  gpu::attention_kd_forward_cuda(dtype, B, H, Hks, Hkt, Lq, Lk, Ds, Dt, ptr<const void>(qs), qs_sb, qs_sh, qs_sl,
+                                 ptr<const void>(ks), ks_sb, ks_sh, ks_sl, ptr<const void>(qt), qt_sb, qt_sh, qt_sl,
+                                 ptr<const void>(kt), kt_sb, kt_sh, kt_sl, causal, scale_s, scale_t, ptr<void>(kl),
+                                 ptr<void>(lse_s), ptr<void>(lse_t), ptr<CUstream_st>(stream));
+}
+
+void attention_kd_backward(int64_t dtype, int64_t B, int64_t H, int64_t Hks, int64_t Hkt, int64_t Lq, int64_t Lk,
+                           int64_t Ds, int64_t Dt,
+                           uintptr_t qs, int64_t qs_sb, int64_t qs_sh, int64_t qs_sl,
+                           uintptr_t ks, int64_t ks_sb, int64_t ks_sh, int64_t ks_sl,
+                           uintptr_t qt, int64_t qt_sb, int64_t qt_sh, int64_t qt_sl,
+                           uintptr_t kt, int64_t kt_sb, int64_t kt_sh, int64_t kt_sl,
+                           uintptr_t lse_s, uintptr_t lse_t, uintptr_t g, int64_t causal, double scale_s,
+                           double scale_t, uintptr_t dqs, uintptr_t dks, uintptr_t workspace, int64_t workspace_bytes,
+                           uintptr_t stream) {
+  gpu::attention_kd_backward_cuda(dtype, B, H, Hks, Hkt, Lq, Lk, Ds, Dt, ptr<const void>(qs), qs_sb, qs_sh, qs_sl,
+                                  ptr<const void>(ks), ks_sb, ks_sh, ks_sl, ptr<const void>(qt), qt_sb, qt_sh, qt_sl,
+                                  ptr<const void>(kt), kt_sb, kt_sh, kt_sl, ptr<const void>(lse_s),
+                                  ptr<const void>(lse_t), ptr<const void>(g), causal, scale_s, scale_t,
+                                  ptr<void>(dqs), ptr<void>(dks), ptr<void>(workspace), workspace_bytes,
+                                  ptr<CUstream_st>(stream));
+}
+
 py::dict build_info() {
   const gpu::BuildInfo b = gpu::build_info();
   py::dict d;
@@ -201,4 +257,49 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("grad_scale", &grad_scale, py::arg("dtype"), py::arg("n"), py::arg("src"), py::arg("dst"),
         py::arg("scale"), py::arg("factor"), py::arg("stream"), release(),
         "dst = src * (scale[0] * factor) in the compute type, rounded once; enqueued on stream.");
+
+  // ---- attention (issue #6; csrc/cuda/attention.cu) ----
+  m.def("attention_forward", &attention_forward, release(),
+        "Attention forward (FlashAttention-2): out [B, Hq, Lq, D] (dtype) and lse [B, Hq, Lq] (compute type).",
+        py::arg("dtype"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
+        py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("q_sl"),
+        py::arg("k"), py::arg("k_sb"), py::arg("k_sh"), py::arg("k_sl"),
+        py::arg("v"), py::arg("v_sb"), py::arg("v_sh"), py::arg("v_sl"),
+        py::arg("causal"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("stream"));
+  m.def("attention_backward", &attention_backward, release(),
+        "Attention backward: dq [B, Hq, Lq, D], dk, dv [B, Hk, Lk, D] (dtype), P recomputed from lse.",
+        py::arg("dtype"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
+        py::arg("q"), py::arg("q_sb"), py::arg("q_sh"), py::arg("q_sl"),
+        py::arg("k"), py::arg("k_sb"), py::arg("k_sh"), py::arg("k_sl"),
+        py::arg("v"), py::arg("v_sb"), py::arg("v_sh"), py::arg("v_sl"),
+        py::arg("out"), py::arg("dout"), py::arg("lse"), py::arg("causal"), py::arg("scale"),
+        py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("stream"));
+  m.def("attention_backward_workspace_bytes", &gpu::attention_backward_workspace_bytes, release(),
+        "Scratch bytes attention_backward needs (Delta [B, Hq, Lq] of the compute type).",
+        py::arg("dtype"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("Lq"), py::arg("Lk"), py::arg("D"));
+  m.def("attention_kd_forward", &attention_kd_forward, release(),
+        "Streaming attention-map KL(teacher || student) per query row, with both lse (compute type).",
+        py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("Hks"), py::arg("Hkt"), py::arg("Lq"), py::arg("Lk"),
+        py::arg("Ds"), py::arg("Dt"),
+        py::arg("qs"), py::arg("qs_sb"), py::arg("qs_sh"), py::arg("qs_sl"),
+        py::arg("ks"), py::arg("ks_sb"), py::arg("ks_sh"), py::arg("ks_sl"),
+        py::arg("qt"), py::arg("qt_sb"), py::arg("qt_sh"), py::arg("qt_sl"),
+        py::arg("kt"), py::arg("kt_sb"), py::arg("kt_sh"), py::arg("kt_sl"),
+        py::arg("causal"), py::arg("scale_s"), py::arg("scale_t"),
+        py::arg("kl"), py::arg("lse_s"), py::arg("lse_t"), py::arg("stream"));
+  m.def("attention_kd_backward", &attention_kd_backward, release(),
+        "Attention-map KL backward: dqs [B, H, Lq, Ds], dks [B, Hks, Lk, Ds] (dtype) from g [B, H, Lq].",
+        py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("Hks"), py::arg("Hkt"), py::arg("Lq"), py::arg("Lk"),
+        py::arg("Ds"), py::arg("Dt"),
+        py::arg("qs"), py::arg("qs_sb"), py::arg("qs_sh"), py::arg("qs_sl"),
+        py::arg("ks"), py::arg("ks_sb"), py::arg("ks_sh"), py::arg("ks_sl"),
+        py::arg("qt"), py::arg("qt_sb"), py::arg("qt_sh"), py::arg("qt_sl"),
+        py::arg("kt"), py::arg("kt_sb"), py::arg("kt_sh"), py::arg("kt_sl"),
+        py::arg("lse_s"), py::arg("lse_t"), py::arg("g"), py::arg("causal"), py::arg("scale_s"), py::arg("scale_t"),
+        py::arg("dqs"), py::arg("dks"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("attention_kd_backward_workspace_bytes", &gpu::attention_kd_backward_workspace_bytes, release(),
+        "Scratch bytes attention_kd_backward needs (0).",
+        py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("Hks"), py::arg("Hkt"), py::arg("Lq"), py::arg("Lk"),
+        py::arg("Ds"), py::arg("Dt"));
 }

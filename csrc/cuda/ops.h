@@ -131,5 +131,48 @@ void affine_step_cuda(int64_t dtype, int64_t B, int64_t D, const void* x, int64_
                       const void* noise, int64_t noise_bs, bool draw, uint64_t seed, const void* offset,
                       uint64_t start, void* out, void* x0_out, void* noise_out, CUstream_st* stream);
 
+// ---- attention (attention.cu; csrc/README.md, "Attention (issue #6)") -------------------------------
+// Tensors [B, H, L, D]: an input is its pointer and (batch, head, row) strides in elements, the head dim
+// contiguous; outputs contiguous; lse / kl / g / Delta of the compute type. causal: 0 / 1 (top-left).
+// float16 / bfloat16 run tensor-core kernels (sm_80+) for D in {32, 64, 96, 128} and throw
+// std::invalid_argument("attention: head dim D=... not supported by the cuda backend (32, 64, 96,
+// 128)") for other D; float32 / float64 run the generic FMA kernels for D <= 256. The KD kernels are
+// generic for every dtype (Ds, Dt <= 256). Deterministic (no atomics). Enqueued on `stream`, no sync.
+void attention_forward_cuda(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, int64_t Lq, int64_t Lk, int64_t D,
+                            const void* q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
+                            const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
+                            const void* v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+                            int64_t causal, double scale, void* out, void* lse, CUstream_st* stream);
+// Workspace: Delta [B, Hq, Lq] of the compute type (rounded up to 256 bytes).
+int64_t attention_backward_workspace_bytes(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, int64_t Lq, int64_t Lk,
+                                           int64_t D);
+void attention_backward_cuda(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, int64_t Lq, int64_t Lk, int64_t D,
+                             const void* q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
+                             const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
+                             const void* v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+                             const void* out, const void* dout, const void* lse, int64_t causal, double scale,
+                             void* dq, void* dk, void* dv, void* workspace, int64_t workspace_bytes,
+                             CUstream_st* stream);
+void attention_kd_forward_cuda(int64_t dtype, int64_t B, int64_t H, int64_t Hks, int64_t Hkt, int64_t Lq, int64_t Lk,
+                               int64_t Ds, int64_t Dt,
+                               const void* qs, int64_t qs_sb, int64_t qs_sh, int64_t qs_sl,
+                               const void* ks, int64_t ks_sb, int64_t ks_sh, int64_t ks_sl,
+                               const void* qt, int64_t qt_sb, int64_t qt_sh, int64_t qt_sl,
+                               const void* kt, int64_t kt_sb, int64_t kt_sh, int64_t kt_sl,
+                               int64_t causal, double scale_s, double scale_t,
+                               void* kl, void* lse_s, void* lse_t, CUstream_st* stream);
+// Workspace: none (0); the argument is accepted for the ABI.
+int64_t attention_kd_backward_workspace_bytes(int64_t dtype, int64_t B, int64_t H, int64_t Hks, int64_t Hkt,
+                                              int64_t Lq, int64_t Lk, int64_t Ds, int64_t Dt);
+void attention_kd_backward_cuda(int64_t dtype, int64_t B, int64_t H, int64_t Hks, int64_t Hkt, int64_t Lq, int64_t Lk,
+                                int64_t Ds, int64_t Dt,
+                                const void* qs, int64_t qs_sb, int64_t qs_sh, int64_t qs_sl,
+                                const void* ks, int64_t ks_sb, int64_t ks_sh, int64_t ks_sl,
+                                const void* qt, int64_t qt_sb, int64_t qt_sh, int64_t qt_sl,
+                                const void* kt, int64_t kt_sb, int64_t kt_sh, int64_t kt_sl,
+                                const void* lse_s, const void* lse_t, const void* g,
+                                int64_t causal, double scale_s, double scale_t,
+                                void* dqs, void* dks, void* workspace, int64_t workspace_bytes, CUstream_st* stream);
+
 }  // namespace gpu
 }  // namespace flashdistill
