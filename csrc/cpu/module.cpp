@@ -144,6 +144,38 @@ PYBIND11_MODULE(_C, m) {
         py::arg("coef"), py::arg("noise"), py::arg("noise_bs"), py::arg("draw"), py::arg("seed"),
         py::arg("offset_ptr"), py::arg("start"), py::arg("out"), py::arg("x0_out"), py::arg("noise_out"));
 
+  // ---- attention (csrc/README.md "Attention (issue #6)") ----
+#define FD_QKV(x) py::arg(#x), py::arg(#x "_sb"), py::arg(#x "_sh"), py::arg(#x "_sl")
+  m.def("attention_forward", &fd::attention_forward, release(),
+        "Flash attention forward: out [B, Hq, Lq, D] and lse [B, Hq, Lq] (csrc/cpu/attention.cpp).",
+        py::arg("dtype"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
+        FD_QKV(q), FD_QKV(k), FD_QKV(v), py::arg("causal"), py::arg("scale"), py::arg("out"), py::arg("lse"),
+        py::arg("stream"));
+  m.def("attention_backward", &fd::attention_backward, release(),
+        "Flash attention backward: dq, dk, dv from out, dout and lse (csrc/cpu/attention.cpp).",
+        py::arg("dtype"), py::arg("B"), py::arg("Hq"), py::arg("Hk"), py::arg("Lq"), py::arg("Lk"), py::arg("D"),
+        FD_QKV(q), FD_QKV(k), FD_QKV(v), py::arg("out"), py::arg("dout"), py::arg("lse"), py::arg("causal"),
+        py::arg("scale"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("attention_backward_workspace_bytes", &fd::attention_backward_workspace_bytes, release(),
+        "Scratch bytes attention_backward needs (0 on the CPU).", py::arg("dtype"), py::arg("B"), py::arg("Hq"),
+        py::arg("Hk"), py::arg("Lq"), py::arg("Lk"), py::arg("D"));
+  m.def("attention_kd_forward", &fd::attention_kd_forward, release(),
+        "Streaming attention-map KL(teacher || student) per row, lse_s, lse_t (csrc/cpu/attention.cpp).",
+        py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("Hks"), py::arg("Hkt"), py::arg("Lq"), py::arg("Lk"),
+        py::arg("Ds"), py::arg("Dt"), FD_QKV(qs), FD_QKV(ks), FD_QKV(qt), FD_QKV(kt), py::arg("causal"),
+        py::arg("scale_s"), py::arg("scale_t"), py::arg("kl"), py::arg("lse_s"), py::arg("lse_t"), py::arg("stream"));
+  m.def("attention_kd_backward", &fd::attention_kd_backward, release(),
+        "Attention-map KL backward: dqs, dks for upstream g per row (csrc/cpu/attention.cpp).",
+        py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("Hks"), py::arg("Hkt"), py::arg("Lq"), py::arg("Lk"),
+        py::arg("Ds"), py::arg("Dt"), FD_QKV(qs), FD_QKV(ks), FD_QKV(qt), FD_QKV(kt), py::arg("lse_s"),
+        py::arg("lse_t"), py::arg("g"), py::arg("causal"), py::arg("scale_s"), py::arg("scale_t"), py::arg("dqs"),
+        py::arg("dks"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+  m.def("attention_kd_backward_workspace_bytes", &fd::attention_kd_backward_workspace_bytes, release(),
+        "Scratch bytes attention_kd_backward needs (0 on the CPU).", py::arg("dtype"), py::arg("B"), py::arg("H"),
+        py::arg("Hks"), py::arg("Hkt"), py::arg("Lq"), py::arg("Lk"), py::arg("Ds"), py::arg("Dt"));
+#undef FD_QKV
+
   m.def("build_info", &build_info, "How this module was compiled: compiler, OpenMP, ISA extensions.");
   m.def("omp_max_threads", &omp_max_threads, "omp_get_max_threads() (1 without OpenMP).");
 }

@@ -85,5 +85,44 @@ void affine_step(int64_t dtype, int64_t B, int64_t D, uintptr_t x, int64_t x_bs,
                  uintptr_t noise, int64_t noise_bs, bool draw, uint64_t seed, uintptr_t offset_ptr, uint64_t start, uintptr_t out,
                  uintptr_t x0_out, uintptr_t noise_out);
 
+// attention.cpp: flash-style attention forward / backward and the streaming attention-map KL
+// (csrc/README.md "Attention (issue #6)"; kernels/attention/reference.py). Inputs are 4-d [B, H, L, D]
+// given as pointer and (batch, head, row) strides in elements, head dim contiguous; outputs
+// contiguous; lse, kl, g of the compute type. The workspace functions return 0 (the CPU kernels
+// allocate their own scratch) and the workspace arguments are ignored.
+void attention_forward(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, int64_t Lq, int64_t Lk, int64_t D,
+                       uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
+                       uintptr_t k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
+                       uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+                       bool causal, double scale, uintptr_t out, uintptr_t lse, uintptr_t stream);
+void attention_backward(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, int64_t Lq, int64_t Lk, int64_t D,
+                        uintptr_t q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
+                        uintptr_t k, int64_t k_sb, int64_t k_sh, int64_t k_sl,
+                        uintptr_t v, int64_t v_sb, int64_t v_sh, int64_t v_sl,
+                        uintptr_t out, uintptr_t dout, uintptr_t lse, bool causal, double scale,
+                        uintptr_t dq, uintptr_t dk, uintptr_t dv,
+                        uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+int64_t attention_backward_workspace_bytes(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, int64_t Lq, int64_t Lk,
+                                           int64_t D);
+void attention_kd_forward(int64_t dtype, int64_t B, int64_t H, int64_t Hks, int64_t Hkt, int64_t Lq, int64_t Lk,
+                          int64_t Ds, int64_t Dt,
+                          uintptr_t qs, int64_t qs_sb, int64_t qs_sh, int64_t qs_sl,
+                          uintptr_t ks, int64_t ks_sb, int64_t ks_sh, int64_t ks_sl,
+                          uintptr_t qt, int64_t qt_sb, int64_t qt_sh, int64_t qt_sl,
+                          uintptr_t kt, int64_t kt_sb, int64_t kt_sh, int64_t kt_sl,
+                          bool causal, double scale_s, double scale_t,
+                          uintptr_t kl, uintptr_t lse_s, uintptr_t lse_t, uintptr_t stream);
+void attention_kd_backward(int64_t dtype, int64_t B, int64_t H, int64_t Hks, int64_t Hkt, int64_t Lq, int64_t Lk,
+                           int64_t Ds, int64_t Dt,
+                           uintptr_t qs, int64_t qs_sb, int64_t qs_sh, int64_t qs_sl,
+                           uintptr_t ks, int64_t ks_sb, int64_t ks_sh, int64_t ks_sl,
+                           uintptr_t qt, int64_t qt_sb, int64_t qt_sh, int64_t qt_sl,
+                           uintptr_t kt, int64_t kt_sb, int64_t kt_sh, int64_t kt_sl,
+                           uintptr_t lse_s, uintptr_t lse_t, uintptr_t g, bool causal, double scale_s,
+                           double scale_t, uintptr_t dqs, uintptr_t dks,
+                           uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+int64_t attention_kd_backward_workspace_bytes(int64_t dtype, int64_t B, int64_t H, int64_t Hks, int64_t Hkt,
+                                              int64_t Lq, int64_t Lk, int64_t Ds, int64_t Dt);
+
 }  // namespace cpu
 }  // namespace flashdistill
