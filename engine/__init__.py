@@ -1,1 +1,2 @@
-"""The thin engine around the kernels: the command line today; whole-step capture and recipes next."""
+"""The thin engine around the kernels: every loss as an nn.Module (modules.py) and the command line;
+whole-step capture and recipes next."""

@@ -18,6 +18,8 @@ Public API (every op takes ``backend=``; see ``flashdistill.kernels.backends``):
         heun_step, flow_euler_step (one fused kernel, guidance inside), sample (a whole few-step loop)
     attention: attention (flash forward/backward, GQA, causal), attention_kd_loss (streaming
         attention-map KL), sdpa and use_flashdistill_attention (drop-ins for SDPA)
+    every loss as an nn.Module (DMDLoss, SDSLoss, ..., KDLoss, FusedLinearKDLoss, AttentionKDLoss):
+        the op's options in the constructor, the tensors in forward (flashdistill.engine.modules)
 
 Backends: ``reference`` (plain PyTorch, the spec), ``cpu`` (C++/OpenMP), ``triton``, ``cuda`` (C++).
 ``flashdistill.use_backend(name)`` and ``FLASHDISTILL_BACKEND`` set the default; ``auto`` picks the
@@ -28,5 +30,7 @@ __version__ = "0.1.0"
 
 from flashdistill.kernels import *  # noqa: E402,F401,F403  (ops register with torch.library on import)
 from flashdistill.kernels import __all__ as _ops  # noqa: E402
+from flashdistill.engine.modules import *  # noqa: E402,F401,F403
+from flashdistill.engine.modules import __all__ as _modules  # noqa: E402
 
-__all__ = list(_ops) + ["__version__"]
+__all__ = list(_ops) + list(_modules) + ["__version__"]
