@@ -30,6 +30,8 @@ import triton.language as tl
 from flashdistill.kernels import triton_utils
 
 FKL, RKL, JSD, JSD_N, TVD, SKEW_F, SKEW_R, MIXED, TAID = range(9)
+# the kernels' copies: a GPU compile reads only constexpr globals (the interpreter reads any)
+_FKL, _RKL, _JSD, _JSD_N, _TVD, _SKEW_F, _SKEW_R, _MIXED, _TAID = (tl.constexpr(i) for i in range(9))
 
 
 @triton.jit
@@ -163,24 +165,24 @@ def _kd_rows_kernel(
         for i in range(0, V, BLOCK):
             offs = i + ar
             _, lq, lp, q, p = _log_probs(s_row, t_row, offs, s_lim, t_lim, T, lam, lse_u, lse_v, T_ONE, MIX, C)
-            if KIND == FKL or KIND == TAID:
+            if KIND == _FKL or KIND == _TAID:
                 acc0 += tl.where(p > 0.0, p * (lp - lq), 0.0)
-            elif KIND == RKL:
+            elif KIND == _RKL:
                 acc0 += tl.where(q > 0.0, q * (lq - lp), 0.0)
-            elif KIND == JSD or KIND == JSD_N:
+            elif KIND == _JSD or KIND == _JSD_N:
                 lm = _logaddexp(lp + log_b, lq + log_1b)
                 acc0 += tl.where(p > 0.0, p * (lp - lm), 0.0)
                 acc1 += tl.where(q > 0.0, q * (lq - lm), 0.0)
-            elif KIND == TVD:
+            elif KIND == _TVD:
                 sg = 0.5 * ((q > p).to(C) - (q < p).to(C))
                 acc0 += tl.abs(q - p)
                 acc1 += q * sg
-            elif KIND == SKEW_F:
+            elif KIND == _SKEW_F:
                 lm = _logaddexp(lp + log_a, lq + log_1a)
                 pm = tl.where(p > 0.0, tl.exp(lp - lm), 0.0)
                 acc0 += tl.where(p > 0.0, p * (lp - lm), 0.0)
                 acc1 += q * pm
-            elif KIND == SKEW_R:
+            elif KIND == _SKEW_R:
                 x = lq - _logaddexp(lp + log_1a, lq + log_a)
                 av = tl.where(q > 0.0, x - alpha * tl.exp(x), 0.0)
                 acc0 += tl.where(q > 0.0, q * x, 0.0)
@@ -191,15 +193,15 @@ def _kd_rows_kernel(
                 acc1 += tl.where(q > 0.0, q * d, 0.0)
         s0 = tl.sum(acc0, axis=0)
         s1 = tl.sum(acc1, axis=0)
-        if KIND == FKL or KIND == RKL or KIND == TAID:
+        if KIND == _FKL or KIND == _RKL or KIND == _TAID:
             D = s0
-        elif KIND == JSD:
+        elif KIND == _JSD:
             D = beta * s0 + (1.0 - beta) * s1
-        elif KIND == JSD_N:
+        elif KIND == _JSD_N:
             D = (beta * s0 + (1.0 - beta) * s1) / (beta * (1.0 - beta))
-        elif KIND == TVD:
+        elif KIND == _TVD:
             D = 0.5 * s0
-        elif KIND == SKEW_F or KIND == SKEW_R:
+        elif KIND == _SKEW_F or KIND == _SKEW_R:
             D = s0
         else:
             D = lam * s0 + (1.0 - lam) * s1
@@ -210,21 +212,21 @@ def _kd_rows_kernel(
         for i in range(0, V, BLOCK):
             offs = i + ar
             z, lq, lp, q, p = _log_probs(s_row, t_row, offs, s_lim, t_lim, T, lam, lse_u, lse_v, T_ONE, MIX, C)
-            if KIND == FKL or KIND == TAID:
+            if KIND == _FKL or KIND == _TAID:
                 gs = q - p
-            elif KIND == RKL:
+            elif KIND == _RKL:
                 gs = tl.where(q > 0.0, q * ((lq - lp) - s0), 0.0)
-            elif KIND == JSD or KIND == JSD_N:
+            elif KIND == _JSD or KIND == _JSD_N:
                 lm = _logaddexp(lp + log_b, lq + log_1b)
                 gs = tl.where(q > 0.0, f_jsd * (q * ((lq - lm) - s1)), 0.0)
-            elif KIND == TVD:
+            elif KIND == _TVD:
                 sg = 0.5 * ((q > p).to(C) - (q < p).to(C))
                 gs = q * (sg - s1)
-            elif KIND == SKEW_F:
+            elif KIND == _SKEW_F:
                 lm = _logaddexp(lp + log_a, lq + log_1a)
                 pm = tl.where(p > 0.0, tl.exp(lp - lm), 0.0)
                 gs = (1.0 - alpha) * (q * (s1 - pm))
-            elif KIND == SKEW_R:
+            elif KIND == _SKEW_R:
                 x = lq - _logaddexp(lp + log_1a, lq + log_a)
                 av = tl.where(q > 0.0, x - alpha * tl.exp(x), 0.0)
                 gs = q * (av - s1)

@@ -41,7 +41,8 @@ def _box_muller(even, odd, C: tl.constexpr):
     return r * tl.cos(th), r * tl.sin(th)
 
 
-@triton.jit
+# seed words: never specialized (Triton makes an int argument equal to 1 a constant, which has no .to())
+@triton.jit(do_not_specialize=["k0_in", "k1_in"])
 def _fill_kernel(out_ptr, offset_ptr, n, start, first_block, k0_in, k1_in,
                  KIND: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)

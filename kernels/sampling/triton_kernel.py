@@ -55,7 +55,8 @@ def _element(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scal
         triton_utils.store_rounded(nout_ptr + f, z, mask)
 
 
-@triton.jit
+# seed words: never specialized (Triton makes an int argument equal to 1 a constant, which has no .to())
+@triton.jit(do_not_specialize=["k0_in", "k1_in"])
 def _step_kernel(x_ptr, x_bs, p_ptr, p_bs, pu_ptr, pu_bs, h_ptr, h_bs, w_ptr, w_scalar, coef_ptr, noise_ptr, noise_bs,
                  out_ptr, x0_ptr, nout_ptr, offset_ptr, n, D, start, first_block, k0_in, k1_in,
                  HAS_P: tl.constexpr, HAS_PU: tl.constexpr, HAS_H: tl.constexpr, W_PTR: tl.constexpr,
