@@ -61,11 +61,7 @@ def log(msg: str) -> None:
 
 
 def import_flashdistill():
-    try:
-        import flashdistill
-    except ImportError as e:
-        raise SystemExit(f"bench_attention: cannot import flashdistill ({e}); from the repo root: pip install -e .") from e
-    return flashdistill
+    return harness.import_flashdistill("bench_attention")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -39,13 +39,7 @@ GUIDANCE = 1.75
 
 
 def import_flashdistill():
-    """Lazily: the harness and --help work without the package; a missing build is one clear message."""
-    try:
-        import flashdistill
-        import flashdistill.kernels.score_diff.reference as reference
-    except ImportError as e:
-        raise SystemExit(f"bench_dmd: cannot import flashdistill ({e}); from the repo root: pip install -e .") from e
-    return flashdistill, reference
+    return harness.import_flashdistill("bench_dmd", "flashdistill.kernels.score_diff.reference")
 
 
 def loss_kwargs(real_uncond, guidance):

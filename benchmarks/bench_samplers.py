@@ -100,12 +100,7 @@ def log(msg: str) -> None:
 
 
 def import_flashdistill():
-    """Lazily: the harness and --help work without the package; a missing build is one clear message."""
-    try:
-        import flashdistill
-    except ImportError as e:
-        raise SystemExit(f"bench_samplers: cannot import flashdistill ({e}); from the repo root: pip install -e .") from e
-    return flashdistill
+    return harness.import_flashdistill("bench_samplers")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import dataclasses
 import datetime
 import functools
 import gc
+import importlib
 import math
 import multiprocessing
 import os
@@ -724,6 +725,16 @@ def log(msg: str) -> None:
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
     """``--shapes`` text like ``16x4x64x64,8x16x16x64x64`` as tuples."""
     return [tuple(int(d) for d in s.strip().split("x")) for s in text.split(",") if s.strip()]
+
+
+def import_flashdistill(bench: str, *extra: str):
+    """flashdistill (and the modules named in ``extra``), imported lazily so that the harness and a
+    bench's --help work without the package; a missing build is one clear message naming the bench."""
+    try:
+        mods = [importlib.import_module(name) for name in ("flashdistill",) + extra]
+    except ImportError as e:
+        raise SystemExit(f"{bench}: cannot import flashdistill ({e}); from the repo root: pip install -e .") from e
+    return tuple(mods) if extra else mods[0]
 
 
 def choose_backends(fd, cfg: Config, name: str) -> list[str]:
