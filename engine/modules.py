@@ -361,7 +361,7 @@ class FusedLinearKDLoss(_LossModule):
         name = type(self).__name__
         kd.check_options(name, divergence, temperature, beta, alpha, lam, hard_weight, soft_weight)
         self._check_choice("vocab", kd.VOCAB_MODES)
-        topk.topk_options(name, topk_mode, temperature, gen_temperature, 1, 2)  # K < V: checks only
+        topk.topk_options(name, topk_mode, temperature, gen_temperature, 1, 2, "topk_mode")  # K < V: checks only
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, *, student_bias: Optional[Tensor] = None,
                 teacher_logits: Optional[Tensor] = None, teacher_hidden: Optional[Tensor] = None,

@@ -176,7 +176,7 @@ def test_signature_mirrors_the_op(cls, fn):
     (lambda: KDLoss(lam=torch.tensor(0.5)), TypeError, r"^KDLoss: lam must be a plain value .* forward\(\.\.\., lam="),
     (lambda: FusedLinearKDLoss(divergence="skew_forward_kl", alpha=1.0), ValueError,
      r"^FusedLinearKDLoss: alpha must be < 1 for skew_forward_kl"),
-    (lambda: FusedLinearKDLoss(topk_mode="tail"), ValueError, r"^FusedLinearKDLoss: mode='tail' is not one of"),
+    (lambda: FusedLinearKDLoss(topk_mode="tail"), ValueError, r"^FusedLinearKDLoss: topk_mode='tail' is not one of"),
     (lambda: TopKKDLoss(mode="renorm"), ValueError, r"^TopKKDLoss: mode='renorm' is not one of renorm_teacher"),
     (lambda: TopKKDLoss(gen_temperature=-1.0), ValueError, r"^TopKKDLoss: temperature and gen_temperature must be"),
     (lambda: DMDLoss(cfg="cfg++"), ValueError, r"^DMDLoss: cfg='cfg\+\+' is not one of ho, offset"),

@@ -117,7 +117,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
         if teacher_softcap is not None:
             raise ValueError(f"{OP}: teacher_softcap does not apply to a top-k teacher's log-probs")
         K = topk.check_teacher(OP, teacher_ids, teacher_logprobs, tokens, V, h.device)
-        topk_code, ratio = topk.topk_options(OP, topk_mode, temperature, gen_temperature, K, V)
+        topk_code, ratio = topk.topk_options(OP, topk_mode, temperature, gen_temperature, K, V, "topk_mode")
         tids = teacher_ids.reshape(-1, K)
         tlp = teacher_logprobs.reshape(-1, K).to(checks.compute_dtype(h.dtype))
         tl = th = tw = tb = None

@@ -77,10 +77,11 @@ def topk_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: 
     return loss
 
 
-def topk_options(op, mode, temperature, gen_temperature, K, V):
-    """(mode code, ratio T_gen / T) from the user's options, validated."""
+def topk_options(op, mode, temperature, gen_temperature, K, V, mode_name: str = "mode"):
+    """(mode code, ratio T_gen / T) from the user's options, validated; ``mode_name``: what the caller's
+    argument is called (fused_linear_kd_loss: topk_mode)."""
     if mode not in MODES:
-        raise ValueError(f"{op}: mode={mode!r} is not one of {', '.join(MODES)}")
+        raise ValueError(f"{op}: {mode_name}={mode!r} is not one of {', '.join(MODES)}")
     for name, v in (("temperature", temperature),) + \
             ((("gen_temperature", gen_temperature),) if gen_temperature is not None else ()):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
