@@ -38,7 +38,6 @@ from __future__ import annotations
 import functools
 import gc
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -237,18 +236,11 @@ def main(argv=None) -> int:
             base = make_inputs(case, shape, dtype, device, gen)
             factory = lambda base=base: tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in base)  # noqa: E731
             inputs = bench.make_inputs(factory, sum(t.numel() for t in base) * es * 2)
-            notes = {}
-            for name in [n for n in impls if n == "compile"]:
-                t0 = time.perf_counter()
-                try:
-                    make_step(impls[name], case, a.causal)(*inputs.first())
-                    reset_grads(*inputs.first())
-                    notes[name] = f"compile+first call {time.perf_counter() - t0:.1f} s"
-                except Exception as e:  # noqa: BLE001
-                    bench.fail(label, name, e)
-                    del impls[name]
+            first = inputs.first()
+            notes = {"compile": bench.first_call(label, impls,
+                                                 lambda fn: make_step(fn, case, a.causal)(*first),
+                                                 reset=lambda: reset_grads(*first))}
             if a.check:
-                first = inputs.first()
                 args64 = [harness.as_float64(t).detach().requires_grad_(t.requires_grad) for t in first]
 
                 def outputs(fn, args):

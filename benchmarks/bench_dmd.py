@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import gc
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -123,18 +122,9 @@ def main(argv=None) -> int:
         harness.log(f"[dmd] {case} {harness.dtype_name(dtype)}: N={n:,}, bytes model {nbytes / 1e6:.1f} MB; {inputs.plan.why}")
         del base
 
-        notes = {}
-        if "compile" in impls:  # compile before timing, on the first copy; report how long it took
-            t0 = time.perf_counter()
-            try:
-                reset_grad(*inputs.first())
-                make_step(impls["compile"], guidance)(*inputs.first())
-                harness.synchronize(device)
-                notes["compile"] = f"compile+first call {time.perf_counter() - t0:.1f} s"
-                harness.log(f"[dmd] {case}: {notes['compile']}")
-            except Exception as e:  # noqa: BLE001
-                bench.fail(case, "compile", e)
-                del impls["compile"]
+        first = inputs.first()
+        notes = {"compile": bench.first_call(case, impls, lambda fn: make_step(fn, guidance)(*first),
+                                             reset=lambda: reset_grad(*first))}
         if a.check:
             for name in check(bench, case, impls, inputs.first(), guidance, dtype):
                 del impls[name]

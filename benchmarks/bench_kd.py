@@ -130,7 +130,6 @@ import dataclasses
 import functools
 import gc
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -571,18 +570,10 @@ def main(argv=None) -> int:
         log(f"{label} {spec.dtype}: bytes model {spec.nbytes / MB:.0f} MB{extra}; {inputs.plan.why}")
 
         notes: dict[str, list[str]] = {name: [] for name in impls}
-        if "compile" in impls:  # compile (forward and backward) untimed, on the first copy
-            t0 = time.perf_counter()
-            try:
-                reset_grads(*inputs.first())
-                make_step(impls["compile"])(*inputs.first())
-                harness.synchronize(device)
-                notes["compile"].append(f"compile+first call {time.perf_counter() - t0:.1f} s")
-                log(f"{label}: {notes['compile'][-1]}")
-            except Exception as e:  # noqa: BLE001
-                bench.fail(label, "compile", e)
-                del impls["compile"]
-            reset_grads(*inputs.first())
+        first = inputs.first()
+        if note := bench.first_call(label, impls, lambda fn: make_step(fn)(*first),
+                                    reset=lambda: reset_grads(*first)):
+            notes["compile"].append(note)
         if a.check:
             for name in check(bench, spec, impls, inputs.first()):
                 del impls[name]

@@ -325,20 +325,11 @@ def main(argv=None) -> int:
             log(f"{label} {harness.dtype_name(dtype)}: N={n:,}, bytes model {nbytes / 1e6:.1f} MB "
                 f"({case.reads} reads + {case.writes} writes); {inputs.plan.why}")
 
-            notes = {}
-            if "compile" in impls:  # compile untimed, on the first copy
-                t0 = time.perf_counter()
-                try:
-                    make_step(impls["compile"], case.full)(*inputs.first())
-                    harness.synchronize(device)
-                    notes["compile"] = f"compile+first call {time.perf_counter() - t0:.1f} s"
-                    log(f"{label}: {notes['compile']}")
-                except Exception as e:  # noqa: BLE001
-                    bench.fail(label, "compile", e)
-                    del impls["compile"]
+            first = inputs.first()
+            notes = {"compile": bench.first_call(label, impls,
+                                                 lambda fn: make_step(fn, case.full)(*first))}
 
             if a.check:
-                first = inputs.first()
                 t = dict(zip(case.full, first[:-1]), **first[-1])
                 t64 = {k: harness.as_float64(v) for k, v in t.items()}
                 t64["dtype"] = torch.float64

@@ -52,7 +52,6 @@ import dataclasses
 import functools
 import gc
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -308,20 +307,11 @@ def main(argv=None) -> int:
                 f"({case.reads} reads + {case.writes} writes); {inputs.plan.why}")
             del base
 
-            notes = {}
-            if "compile" in impls:  # compile (forward and backward) untimed, on the first copy
-                t0 = time.perf_counter()
-                try:
-                    reset_grads(*inputs.first())
-                    make_step(*impls["compile"], case.full)(*inputs.first())
-                    harness.synchronize(device)
-                    notes["compile"] = f"compile+first call {time.perf_counter() - t0:.1f} s"
-                    log(f"{label}: {notes['compile']}")
-                except Exception as e:  # noqa: BLE001
-                    bench.fail(label, "compile", e)
-                    del impls["compile"]
+            first = inputs.first()
+            notes = {"compile": bench.first_call(label, impls,
+                                                 lambda fn: make_step(*fn, case.full)(*first),
+                                                 reset=lambda: reset_grads(*first))}
             if a.check:
-                first = inputs.first()
                 t = dict(zip(case.full, first[:-1]), **first[-1])
                 for name in check(bench, label, case, impls, t, dtype):
                     del impls[name]

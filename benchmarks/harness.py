@@ -923,6 +923,30 @@ class Bench:
             out.append(r)
         return out
 
+    def first_call(self, case: str, impls: dict, run: Callable[[Any], Any], reset: Callable[[], Any] | None = None,
+                   impl: str = "compile") -> str:
+        """Call ``run(impls[impl])`` once, untimed (torch.compile compiles here), with ``reset()`` (e.g.
+        clearing the first copy's gradients) before and after; returns the note "compile+first call
+        X s" for that impl's rows. A failure is recorded, the impl dropped from ``impls``, "" returned."""
+        if impl not in impls:
+            return ""
+        t0 = time.perf_counter()
+        try:
+            if reset is not None:
+                reset()
+            run(impls[impl])
+            synchronize(self.device)
+            note = f"compile+first call {time.perf_counter() - t0:.1f} s"
+            log(f"[{self.name}] {case}: {note}")
+            return note
+        except Exception as e:  # noqa: BLE001  (one broken impl must not hide the others' rows)
+            self.fail(case, impl, e)
+            del impls[impl]
+            return ""
+        finally:
+            if reset is not None:
+                reset()
+
     def fail(self, case: str, impl: str, exc: BaseException, method: str = "") -> None:
         msg = f"{case} {impl} {method}: {type(exc).__name__}: {exc}".replace("  ", " ")
         self.failures.append(msg)
