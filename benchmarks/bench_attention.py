@@ -167,7 +167,8 @@ def nbytes(case: str, shape, es: int) -> int:
 # --memory: peak of one fwd+bwd step, N = 1024 ... 4096
 
 def _peak_build(impl: str, shape, causal: bool, dtype_name: str, device: str):
-    """Runs in harness.peak_cpu's child process."""
+    """(step, inputs, reset) of one impl's fwd+bwd step: run in harness.peak_cpu's child process, or
+    here for harness.peak_cuda."""
     fd = import_flashdistill()
     backends = [impl.removeprefix("flashdistill:")] if impl.startswith("flashdistill:") else []
     fn = make_impls(fd, "fwdbwd", backends, compile=False)[impl]
@@ -176,7 +177,7 @@ def _peak_build(impl: str, shape, causal: bool, dtype_name: str, device: str):
     return make_step(fn, "fwdbwd", causal), args, reset_grads
 
 
-def memory_table(fd, backends, dtype, device, causal, base_shape) -> str:
+def memory_table(backends, dtype, device, causal, base_shape) -> str:
     B, H, _, D = base_shape
     rows = ["| N | " + " | ".join(["eager (sdpa)", "sdpa:math"] + [f"flashdistill:{b}" for b in backends]) + " |",
             "|---:|" + "---:|" * (2 + len(backends))]
@@ -184,14 +185,12 @@ def memory_table(fd, backends, dtype, device, causal, base_shape) -> str:
         shape = (B, H, n, D)
         cells = []
         for impl in ["eager", "sdpa:math"] + [f"flashdistill:{b}" for b in backends]:
+            build = (impl, shape, causal, str(dtype).split(".")[-1], str(device))
             try:
                 if device.type == "cuda":
-                    fn = make_impls(fd, "fwdbwd", [impl.removeprefix("flashdistill:")] if "flashdistill" in impl
-                                    else [], compile=False)[impl]
-                    args = make_inputs("fwdbwd", shape, dtype, device, torch.Generator(device=device).manual_seed(0))
-                    peak = harness.peak_cuda(make_step(fn, "fwdbwd", causal), args, device, reset_grads)
+                    peak = harness.peak_cuda(*_peak_build(*build), device)
                 else:
-                    peak, _ = harness.peak_cpu(_peak_build, impl, shape, causal, str(dtype).split(".")[-1], "cpu")
+                    peak, _ = harness.peak_cpu(_peak_build, *build)
                 cells.append(f"{peak / 2**20:.1f} MiB")
             except Exception as e:  # noqa: BLE001
                 cells.append(f"failed ({type(e).__name__})")
@@ -281,7 +280,7 @@ def main(argv=None) -> int:
         print(f"| {lab} | {n} | {harness.fmt(ms)} | {rate / div:.1f} | {harness.fmt(eager[lab] / ms) if lab in eager else '-'} |")
     if a.memory:
         print()
-        print(memory_table(fd, backends, dtype, device, a.causal, shapes[0]))
+        print(memory_table(backends, dtype, device, a.causal, shapes[0]))
     return bench.exit_code()
 
 

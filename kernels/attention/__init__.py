@@ -203,15 +203,11 @@ def _arg(t: Tensor):
     return (t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return checks.compute_dtype(dtype)
-
-
 def _native_fwd(mod, q, k, v, causal, scale):
     B, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     out = native.empty((B, hq, lq, d), q.dtype, q.device)
-    lse = native.empty((B, hq, lq), _lse_dtype(q.dtype), q.device)
+    lse = native.empty((B, hq, lq), checks.compute_dtype(q.dtype), q.device)
     mod.attention_forward(native.DTYPE_CODES[q.dtype], B, hq, hk, lq, lk, d, *_arg(q), *_arg(k), *_arg(v),
                           causal, scale, out.data_ptr(), lse.data_ptr(), native.stream_of(q))
     return out, lse
@@ -241,7 +237,7 @@ def _kd_dims(qs, ks, qt, kt):
 def _native_kd_fwd(mod, qs, ks, qt, kt, causal, scale_s, scale_t):
     dims = _kd_dims(qs, ks, qt, kt)
     rows = dims[:2] + (dims[4],)
-    cd = _lse_dtype(qs.dtype)
+    cd = checks.compute_dtype(qs.dtype)
     kl, lse_s, lse_t = (native.empty(rows, cd, qs.device) for _ in range(3))
     mod.attention_kd_forward(native.DTYPE_CODES[qs.dtype], *dims, *_arg(qs), *_arg(ks), *_arg(qt), *_arg(kt),
                              causal, scale_s, scale_t, kl.data_ptr(), lse_s.data_ptr(), lse_t.data_ptr(),
@@ -310,7 +306,7 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend
 
 @_fwd_op.register_fake
 def _(q, k, v, causal, scale, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=checks.compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("flashdistill::attention_bwd", mutates_args=())
@@ -352,7 +348,7 @@ def _kd_fwd_op(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, causal: bool,
 
 @_kd_fwd_op.register_fake
 def _(q_s, k_s, q_t, k_t, causal, scale_s, scale_t, backend):
-    cd = _lse_dtype(q_s.dtype)
+    cd = checks.compute_dtype(q_s.dtype)
     return tuple(q_s.new_empty(q_s.shape[:3], dtype=cd) for _ in range(3))
 
 
