@@ -65,8 +65,8 @@ def _check_attention(backend, case, dtype, seed=0, *, noncontig=False, scale=Non
     sc = reference.default_scale(q.shape[-1]) if scale is None else scale
     dq_r, dk_r, dv_r = reference.attention_backward(q, k, v, o_r, lse_r, dout, causal=causal, scale=sc)
     # the backend
-    qb, kb, vb = (t.detach().clone().requires_grad_() for t in (q, k, v)) if not noncontig else \
-        (t.detach().requires_grad_() for t in (q, k, v))
+    qb, kb, vb = (t.detach().clone().requires_grad_() for t in (q, k, v))  # clone keeps a transposed layout
+    assert qb.is_contiguous() != noncontig
     out, lse = fd.attention(qb, kb, vb, causal=causal, scale=scale, return_lse=True, backend=backend)
     out.backward(dout)
     lk = case[4]
