@@ -1,0 +1,1 @@
+"""`flashdistill demo`: a real teacher distilled into a one-step student, end to end (issue #8)."""
