@@ -311,8 +311,8 @@ class CapturedStep:
                   for leaf in leaves]
         s_args, s_kwargs = pytree.tree_unflatten(static, spec)
 
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with self._rolled_back():
+        with self._rolled_back():  # its snapshot is queued on the current stream, so the side stream waits after it
+            stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 warm = self._warmup()
                 for i in range(warm):
