@@ -261,6 +261,35 @@ def test_euler_and_flow_steps(backend, prediction):
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpu"])
+def test_steps_past_the_streaming_threshold(backend):
+    """Calls that move more than 16 MiB write their output with streaming stores through an L1 tile (the
+    CPU kernel): rows of odd length, so segments start mid-tile and mid-line; a sliced (non-contiguous) x;
+    the poisoned output must be written everywhere, given and drawn noise alike."""
+    g = torch.Generator().manual_seed(11)
+    B, D = 3, 700_001  # 3 x 2.8 MB per tensor; euler moves 3 of them (25 MB), q_sample 3, flow_euler + cfg 4
+    x = randn((B, D + 5), torch.float32, generator=g)[:, 3:D + 3]
+    c, u, noise = (randn((B, D), torch.float32, generator=g) for _ in range(3))
+    sigma = torch.tensor([3.0, 1.0, 0.4], dtype=torch.float64)
+    sigma_next = torch.tensor([1.0, 0.4, 0.0], dtype=torch.float64)
+    out = fd.euler_step(c, x, sigma, sigma_next, backend=backend)
+    ref = sampling_reference.euler_step(x.double(), c.double(), sigma, sigma_next)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
+    s, s_next = torch.tensor([1.0, 0.6, 0.25], dtype=torch.float64), torch.tensor([0.6, 0.25, 0.0], dtype=torch.float64)
+    out = fd.flow_euler_step(c, x, s, s_next, uncond=u, guidance=3.5, backend=backend)
+    ref = sampling_reference.flow_euler_step(x.double(), _guided(c.double(), u.double(), 3.5, "ho"), s, s_next)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
+    alpha, sig = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64), torch.tensor([0.3, 0.8, 0.99], dtype=torch.float64)
+    out = fd.q_sample(x, alpha=alpha, sigma=sig, noise=noise, backend=backend)
+    ref = alpha.view(-1, 1) * x.double() + sig.view(-1, 1) * noise.double()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6 * ref.abs().max().item())
+    out, drawn = fd.q_sample(x, alpha=alpha, sigma=sig, seed=9, return_noise=True, backend=backend)
+    ref = alpha.view(-1, 1) * x.double() + sig.view(-1, 1) * drawn.double()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6 * ref.abs().max().item())
+    out = fd.q_sample(x, alpha=alpha, sigma=sig, seed=9, backend=backend)  # drawn without the noise output
+    torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda x: fd.q_sample(x, alpha=0.5, sigma=0.5), r"q_sample: give exactly one of noise, seed .* or source"),
     (lambda x: fd.q_sample(x, alpha=0.5, sigma=0.5, seed=1, noise=x), r"give exactly one of noise"),
