@@ -1,6 +1,8 @@
 """The ``flashdistill`` command line.
 
-    flashdistill info     versions, which backends are built and usable here and why not, the device
+    flashdistill info                 versions, which backends are built and usable here and why not, the device
+    flashdistill bench [NAME ...]     run the benchmark suite (or the named benches) into one folder: CSV,
+                                      markdown report, PNG plots (engine/bench_report.py)
 """
 
 from __future__ import annotations
@@ -65,9 +67,36 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, built and usable backends, the device")
+    from flashdistill.engine import bench_report
+
+    bench = sub.add_parser("bench", help="run the benchmarks; write CSV, report.md and plots into one folder",
+                           description=bench_report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("names", nargs="*", metavar="NAME",
+                       help=f"benches to run (default: all): {', '.join(bench_report.BENCHES)}")
+    bench.add_argument("--out", default=None, help="output folder (default: bench-<UTC date-time>)")
+    bench.add_argument("--quick", action="store_true", help="each bench's smoke size (fewer shapes and runs)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--benchmarks", default=None, help="the benchmarks folder (default: the checkout's)")
+    bench.add_argument("--bench-args", default="", help="more options for every bench, with =: --bench-args=\"--no-compile --threads 2\"")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "bench":
+        import datetime
+        import shlex
+        from pathlib import Path
+
+        bad = [n for n in args.names if n not in bench_report.BENCHES]
+        if bad:
+            bench.error(f"unknown bench {', '.join(map(repr, bad))}; choose from {', '.join(bench_report.BENCHES)}")
+        out = Path(args.out or datetime.datetime.now(datetime.timezone.utc).strftime("bench-%Y%m%d-%H%M%S"))
+        try:
+            failed = bench_report.run(args.names, out, bench_dir=args.benchmarks, extra=shlex.split(args.bench_args),
+                                      quick=args.quick, device=args.device)
+        except FileNotFoundError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        return 1 if failed else 0
     parser.error(f"unknown command {args.command!r}")
     return 2
 
