@@ -61,6 +61,11 @@ calls the network it trains as given (a ``DistributedDataParallel`` wrapper runs
 gradient synchronization needs) and every network it only evaluates through ``.module``; the backward is
 ``loss.backward(inputs=trained parameters)``, so no other network receives a gradient, whether or not its
 parameters require one (freeze teachers anyway: ``requires_grad_(False)`` saves their graph in SiD's step).
+Under FSDP2 (``fully_shard``, on any network) the networks are called as they are (their forward gathers the
+parameters) and the backward's inputs are the unsharded parameters that forward made (``_trained``). The score
+losses are means over the batch with per-sample normalizers (DMD's and SiD's |x - x0| means are per sample), so
+with an equal part of the batch on each rank the averaged gradients are the whole batch's
+(tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -136,7 +141,7 @@ def dmd2(generator: nn.Module, teacher: nn.Module, fake_score: nn.Module, *, gen
         if gan is not None:
             loss_gan = gan(x, t, cond)
             loss, metrics["gan"] = loss + loss_gan, loss_gan.detach()
-        loss.backward(inputs=gen_params)
+        loss.backward(inputs=gen_params())
         gen_optimizer.step()
         return {"loss": loss.detach(), **metrics}
 
@@ -187,7 +192,7 @@ def sid(generator: nn.Module, teacher: nn.Module, fake_score: nn.Module, *, gen_
         fake_x0, fake_u = x0(fake_net, fake_guidance)
         loss = sid_loss(x, real, fake_x0, real_uncond=real_u, guidance=guidance, fake_uncond=fake_u,
                         fake_guidance=fake_guidance, alpha=alpha, scale=scale)
-        loss.backward(inputs=gen_params)
+        loss.backward(inputs=gen_params())
         gen_optimizer.step()
         return {"loss": loss.detach()}
 
@@ -236,7 +241,7 @@ def vsd(generator: nn.Module, teacher: nn.Module, fake_score: nn.Module, *, gen_
             fake_eps, fake_u = eps(fake_net, fake_guidance)
         loss = vsd_loss(x, real, fake_eps, real_uncond=real_u, guidance=guidance, fake_uncond=fake_u,
                         fake_guidance=fake_guidance, weight=s.square().to(_compute(x)), space="eps")
-        loss.backward(inputs=gen_params)
+        loss.backward(inputs=gen_params())
         gen_optimizer.step()
         return {"loss": loss.detach()}
 
@@ -268,7 +273,7 @@ def _fake_step(R, generator, fake_score, fake_optimizer, schedule, source, shape
             sd2 = schedule.sigma_data**2
             weight = ((sigma.square() + sd2) / (sigma.square() * sd2)).to(_compute(x))
         loss = dsm_loss(pred, x, eps, target=prediction, alpha=alpha, sigma=sigma, weight=weight)
-        loss.backward(inputs=fake_params)
+        loss.backward(inputs=fake_params())
         fake_optimizer.step()
         return {"loss": loss.detach()}
 
@@ -343,7 +348,7 @@ def consistency(student: nn.Module, teacher: nn.Module, ema_student: nn.Module, 
             target = _as(x0, c_skip * x_s + c_out * to_x0(ema_net(x_s, s, cond), x_s, space=prediction, alpha=a_s,
                                                            sigma=s_s))
         loss = consistency_loss(pred, target, kind=kind, c=c)
-        loss.backward(inputs=params)
+        loss.backward(inputs=params())
         optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, online, 1.0 - ema_decay)
@@ -382,10 +387,22 @@ def llm_kd(student: nn.Module, teacher: nn.Module, *, optimizer, divergence: str
     attention_mask) -> [B, L, H]`` and ``student_head`` (a module with ``weight`` [V, H] and ``bias``), and the
     same for the teacher. A model that transforms its logits after the head (Gemma 2's soft-capping) needs
     ``softcap`` / ``teacher_softcap``. ``process_group``: the heads are vocab-parallel slices (tensor
-    parallelism), passed through to the op. Other options of the op: ``beta``, ``alpha``, ``lam``, ``vocab``,
+    parallelism), passed through to the op: rank r of the group holds the rows [start_r, start_r + V_r) of the
+    student's and of the teacher's head, the slices in rank order (uneven widths allowed), e.g. the model's
+    ``lm_head`` replaced by an ``nn.Linear`` of its rows, or ``student_head`` (a module of the student, so that
+    it is trained); every rank gives the same tokens (labels are global ids) and gets the same loss and the
+    whole gradient of the hidden states. Other options of the op: ``beta``, ``alpha``, ``lam``, ``vocab``,
     ``softcap``, ``teacher_softcap``, ``pack_valid``, ``backend``. Put the teacher in eval mode; a student
     with dropout draws from torch's generator (add it to the step's sources to capture).
     Metrics: "loss", "soft" and "hard" (the two terms, each divided by the valid-target count).
+
+    FSDP2: the loss reads the heads' weights outside their forward. A head in the root unit is gathered there
+    (FSDP2 keeps the root gathered after its forward); a head in a unit that resharded after its forward is
+    gathered for the loss with ``unshard()`` (the student's is resharded by FSDP2's post-backward, the
+    teacher's after the loss). A ``fully_shard``-ed teacher runs through its root forward (with
+    ``output_hidden_states``, ``logits_to_keep=1``), not ``.base_model``, which would skip the root unit's
+    all-gather. Data parallel: the loss is divided by the valid targets of the rank's batch, so averaged
+    gradients equal the whole batch's only when the ranks hold equally many.
     """
     R = "llm_kd"
     if divergence not in KD_DIVERGENCES:
@@ -405,6 +422,9 @@ def llm_kd(student: nn.Module, teacher: nn.Module, *, optimizer, divergence: str
         if not isinstance(getattr(head, "weight", None), Tensor):
             raise TypeError(f"{R}: {name} must be a module with a weight [V, H] (and bias), got {type(head).__name__}")
     teacher_model = _unwrap(teacher)
+    s_unit, t_unit = _fsdp_unit(student, s_head), _fsdp_unit(teacher, t_head)
+    FSDPModule = _fsdp_module_type()
+    fsdp_teacher = FSDPModule is not None and isinstance(teacher_model, FSDPModule)
     options = dict(divergence=divergence, temperature=temperature, t_squared=t_squared, hard_weight=hard_weight,
                    soft_weight=soft_weight, ignore_index=ignore_index, chunk_size=chunk_size,
                    process_group=process_group, **kd_options)
@@ -419,6 +439,9 @@ def llm_kd(student: nn.Module, teacher: nn.Module, *, optimizer, divergence: str
     def hidden_of_teacher(input_ids, attention_mask):
         if teacher_hidden is not None:
             return teacher_hidden(input_ids, attention_mask)
+        if fsdp_teacher:  # FSDP2 gathers the root unit (embeddings, final norm) in the root's forward only
+            return teacher_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                                 logits_to_keep=1).hidden_states[-1]
         return teacher_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def student_step(input_ids, labels, attention_mask=None):
@@ -427,10 +450,14 @@ def llm_kd(student: nn.Module, teacher: nn.Module, *, optimizer, divergence: str
         h = hidden_of_student(input_ids, attention_mask)
         with torch.no_grad():
             h_t = hidden_of_teacher(input_ids, attention_mask)
+        gathered = [_gather_head(R, name, head, unit) for name, head, unit in
+                    (("student_head", s_head, s_unit), ("teacher_head", t_head, t_unit))]
         loss, soft, hard = fused_linear_kd_loss(
             h, s_head.weight, student_bias=s_head.bias, teacher_hidden=h_t, teacher_weight=t_head.weight,
             teacher_bias=getattr(t_head, "bias", None), labels=targets, return_parts=True, **options)
-        loss.backward(inputs=params)
+        if gathered[1] and t_unit is not s_unit:  # no backward reshards the teacher's unit
+            t_unit.reshard()
+        loss.backward(inputs=params())
         optimizer.step()
         return {"loss": loss.detach(), "soft": soft.detach(), "hard": hard.detach()}
 
@@ -446,9 +473,57 @@ def _unwrap(module):
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def _trained(R, name, module, optimizer, opt_name) -> list:
-    """The parameters of ``module`` that require grad: the ``inputs`` of the step's backward. The
-    optimizer must hold only ``module``'s parameters (a swapped or shared optimizer is an error)."""
+def _fsdp_module_type():
+    """FSDP2's FSDPModule (what ``fully_shard`` makes a module), or None in a torch without distributed."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without distributed
+        return None
+    return FSDPModule
+
+
+def _fsdp_unit(model, sub):
+    """The FSDP2 unit (``fully_shard``-ed module) that holds the parameters of ``sub``: ``sub`` itself or its
+    nearest ancestor in ``model`` that is an FSDPModule; None without FSDP2."""
+    FSDPModule = _fsdp_module_type()
+    if FSDPModule is None:
+        return None
+    model = _unwrap(model)
+    path = next((n for n, m in model.named_modules() if m is sub), None)
+    if path is None:  # a head given outside the model
+        return sub if isinstance(sub, FSDPModule) else None
+    units = [(n, m) for n, m in model.named_modules() if isinstance(m, FSDPModule) and
+             (n == "" or path == n or path.startswith(n + "."))]
+    return max(units, key=lambda u: len(u[0]))[1] if units else None
+
+
+def _gather_head(R, name, head, unit) -> bool:
+    """Makes ``head.weight`` a plain tensor for the loss, which reads it outside the head's forward; True if
+    it gathered. Under FSDP2 it is the unsharded parameter while the head's unit is gathered: always for the
+    root unit (FSDP2 keeps the root gathered after its forward), and for a unit that resharded after its
+    forward after ``unit.unshard()`` here (FSDP2's post-backward reshards it, as after any backward)."""
+    if unit is None:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(head.weight, DTensor):
+        return False
+    unit.unshard()
+    if isinstance(head.weight, DTensor):
+        raise ValueError(f"{R}: {name}'s weight is a DTensor after unsharding its FSDP2 unit; for a tensor-parallel "
+                         f"head give its local rows as a plain module and process_group")
+    return True
+
+
+def _trained(R, name, module, optimizer, opt_name) -> Callable[[], list]:
+    """``inputs()``: the tensors the step's backward takes as ``inputs``, i.e. the parameters of ``module`` that
+    require grad. The optimizer must hold only ``module``'s parameters (a swapped or shared optimizer is an error).
+
+    Under FSDP2 (``fully_shard``) a parameter is a sharded DTensor that the autograd graph never sees: the forward
+    all-gathers it into an unsharded parameter, a separate leaf that FSDP2 keeps for the module's lifetime and
+    whose gradient it reduce-scatters into the sharded one. ``backward(inputs=<sharded>)`` would leave every
+    gradient None without an error, so ``inputs()`` gives the unsharded parameter in its place (it exists once a
+    forward has run, i.e. at every backward)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"{R}: {name} must be an nn.Module, got {type(module).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -459,7 +534,35 @@ def _trained(R, name, module, optimizer, opt_name) -> list:
     own = {id(p) for p in module.parameters()}
     if any(id(p) not in own for g in optimizer.param_groups for p in g["params"]):
         raise ValueError(f"{R}: {opt_name} holds parameters that are not {name}'s")
-    return params
+    sharded = _fsdp_params(R, name, module)
+    if not sharded:
+        return lambda: params
+    return lambda: [sharded[id(p)].unsharded_param if id(p) in sharded else p for p in params]
+
+
+def _fsdp_params(R, name, module) -> dict:
+    """{id(sharded parameter): its FSDP2 FSDPParam} over the ``fully_shard``-ed modules in ``module``; empty
+    without FSDP2. FSDP2 has no public handle on the unsharded parameters: this reads its internals and fails
+    here, at build time, naming them, if a torch release changes them (tests/test_distributed.py would too)."""
+    FSDPModule = _fsdp_module_type()
+    if FSDPModule is None:
+        return {}
+    out = {}
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            try:
+                state = m._get_fsdp_state()
+                groups = getattr(state, "_fsdp_param_groups", None)  # torch 2.13; one _fsdp_param_group before
+                groups = groups if groups is not None else [g for g in [state._fsdp_param_group] if g is not None]
+                for fp in (fp for g in groups for fp in g.fsdp_params):
+                    out[id(fp.sharded_param)] = fp
+                    type(fp).unsharded_param  # noqa: B018 (the property the backward reads)
+            except AttributeError as e:
+                raise RuntimeError(f"{R}: {name} is fully_shard-ed (FSDP2), and torch {torch.__version__} lacks the "
+                                   f"FSDP2 internals the recipe reads to take gradients of its unsharded parameters "
+                                   f"({e}); use DistributedDataParallel, or a torch whose FSDPState has "
+                                   f"_fsdp_param_groups[i].fsdp_params with sharded_param, unsharded_param") from None
+    return out
 
 
 def _check_schedule(R, schedule, source, prediction):
