@@ -1,4 +1,5 @@
-# Quick start:  make demo   (sets everything up, prints `flashdistill info`, runs the DMD benchmark)
+# Quick start:  make demo   (sets everything up, prints `flashdistill info`, runs `flashdistill demo`: a digits
+#                            DiT teacher distilled into a one-step student, ~2-4 min on 2 cores)
 #               make test   (sets everything up, compile-checks the CUDA sources and the Triton kernels,
 #                            runs the test suite)
 #
@@ -17,7 +18,7 @@ CSRC   := $(shell find csrc -type f 2>/dev/null)
 
 demo: install
 	$(VENV)/bin/flashdistill info
-	$(PY) benchmarks/bench_dmd.py
+	$(VENV)/bin/flashdistill demo --out demo-out
 
 test: install check-cuda check-triton
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
