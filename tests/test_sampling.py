@@ -262,10 +262,10 @@ def test_euler_and_flow_steps(backend, prediction):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpu"])
-def test_steps_past_the_streaming_threshold(backend):
-    """Calls that move more than 16 MiB write their output with streaming stores through an L1 tile (the
-    CPU kernel): rows of odd length, so segments start mid-tile and mid-line; a sliced (non-contiguous) x;
-    the poisoned output must be written everywhere, given and drawn noise alike."""
+def test_steps_on_large_odd_rows(backend):
+    """Calls of tens of MB (several tiles per thread, the size the streaming-store experiment of NOTES
+    "samplers v0.2" used): rows of odd length, so tiles start mid-row and mid-line; a sliced
+    (non-contiguous) x; the poisoned output must be written everywhere, given and drawn noise alike."""
     g = torch.Generator().manual_seed(11)
     B, D = 3, 700_001  # 3 x 2.8 MB per tensor; euler moves 3 of them (25 MB), q_sample 3, flow_euler + cfg 4
     x = randn((B, D + 5), torch.float32, generator=g)[:, 3:D + 3]

@@ -27,7 +27,6 @@
 
 #include "flashdistill/common.h"
 #include "flashdistill/cpu_sched.h"
-#include "flashdistill/cpu_simd.h"
 #include "flashdistill/cpu_noise.h"
 #include "flashdistill/philox.h"
 #include "ops.h"
@@ -107,13 +106,9 @@ void run(const StepArgs& a) {
   constexpr int64_t kTileElems = 1024;
   const int64_t D = a.D, n = a.B * D, n_tiles = (n + kTileElems - 1) / kTileElems;
   const int nthr = sched::threads_for(n);
-  // The common steps' output goes out with streaming stores when the call moves more than the cache
-  // holds: no read-for-ownership of out, 3 passes instead of 4 for an Euler step (NOTES "samplers v0.2").
-  const int64_t streams = 2 + (p ? 1 : 0) + (pu ? 1 : 0) + (noise ? 1 : 0) + (noise_out ? 1 : 0);
-  const bool nt = simd::stream_outputs(streams * n * int64_t(sizeof(T)));
 #pragma omp parallel num_threads(nthr) if (nthr > 1)
   {
-    alignas(64) T zeros[kTileElems], scratch_x0[kTileElems], scratch_z[kTileElems], tile_out[kTileElems];
+    alignas(64) T zeros[kTileElems], scratch_x0[kTileElems], scratch_z[kTileElems];
     alignas(64) C z[kTileElems];
     for (int64_t k = 0; k < kTileElems; ++k) zeros[k] = T{};
 #pragma omp for schedule(static)
@@ -134,24 +129,20 @@ void run(const StepArgs& a) {
         const T* nr = noise ? noise + b * a.noise_bs + d0 : zeros;
         const bool fast = !h && !x0_out;
         T* zo_fast = noise_out ? noise_out + o : nullptr;
-        T* dst = nt ? tile_out + k : out + o;  // through the L1 tile when streaming
         if (fast && a.draw) {
-          if (!p) plain<T, C, false, false, 2>(len, xr, pr, pur, z + k, w, cb, dst, zo_fast);
-          else if (!pu) plain<T, C, true, false, 2>(len, xr, pr, pur, z + k, w, cb, dst, zo_fast);
-          else plain<T, C, true, true, 2>(len, xr, pr, pur, z + k, w, cb, dst, zo_fast);
+          if (!p) plain<T, C, false, false, 2>(len, xr, pr, pur, z + k, w, cb, out + o, zo_fast);
+          else if (!pu) plain<T, C, true, false, 2>(len, xr, pr, pur, z + k, w, cb, out + o, zo_fast);
+          else plain<T, C, true, true, 2>(len, xr, pr, pur, z + k, w, cb, out + o, zo_fast);
         } else if (fast && !noise_out) {
           if (noise) {
-            if (!p) plain<T, C, false, false, 1>(len, xr, pr, pur, nr, w, cb, dst, zo_fast);
-            else if (!pu) plain<T, C, true, false, 1>(len, xr, pr, pur, nr, w, cb, dst, zo_fast);
-            else plain<T, C, true, true, 1>(len, xr, pr, pur, nr, w, cb, dst, zo_fast);
+            if (!p) plain<T, C, false, false, 1>(len, xr, pr, pur, nr, w, cb, out + o, zo_fast);
+            else if (!pu) plain<T, C, true, false, 1>(len, xr, pr, pur, nr, w, cb, out + o, zo_fast);
+            else plain<T, C, true, true, 1>(len, xr, pr, pur, nr, w, cb, out + o, zo_fast);
           } else {
-            if (!p) plain<T, C, false, false, 0, T>(len, xr, pr, pur, nr, w, cb, dst, nullptr);
-            else if (!pu) plain<T, C, true, false, 0, T>(len, xr, pr, pur, nr, w, cb, dst, nullptr);
-            else plain<T, C, true, true, 0, T>(len, xr, pr, pur, nr, w, cb, dst, nullptr);
+            if (!p) plain<T, C, false, false, 0, T>(len, xr, pr, pur, nr, w, cb, out + o, nullptr);
+            else if (!pu) plain<T, C, true, false, 0, T>(len, xr, pr, pur, nr, w, cb, out + o, nullptr);
+            else plain<T, C, true, true, 0, T>(len, xr, pr, pur, nr, w, cb, out + o, nullptr);
           }
-        }
-        if (fast && (a.draw || !noise_out)) {
-          if (nt) simd::stream_copy(tile_out + k, len, out + o);
         } else if (a.draw) {
           general<T, C, C>(len, xr, pr, pur, hr, z + k, p != nullptr, pu != nullptr, w, cb, out + o, x0o, zo);
         } else {
@@ -160,7 +151,6 @@ void run(const StepArgs& a) {
         k += len;
       }
     }
-    simd::stream_fence();
   }
 }
 
