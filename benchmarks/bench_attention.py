@@ -268,7 +268,9 @@ def main(argv=None) -> int:
                 rows = bench.time(case=label, dtype=dtype, impl=name, fn=make_step(fn, case, a.causal), inputs=inputs,
                                   nbytes=nbytes(case, shape, es), setup=step_reset, note=notes.get(name, ""))
                 for r in rows:
-                    summary.append((label, name, r.median_ms, flops(case, shape, a.causal) / (r.median_ms * 1e-3)))
+                    work = flops(case, shape, a.causal)
+                    r.note = f"{r.note}; flops={work:.6g}" if r.note else f"flops={work:.6g}"  # read by bench_report
+                    summary.append((label, name, r.median_ms, work / (r.median_ms * 1e-3)))
             del inputs, base
             gc.collect()
     bench.finish()

@@ -3,8 +3,10 @@
     <out>/results.csv     every row the benches measured (the harness's CSV schema, benchmarks/harness.py)
     <out>/report.md       each bench's markdown table, as printed, and the figures below
     <out>/<bench>.png     per bench: time per case for each impl (log scale, the bytes floor as a tick)
-                          and, for the memory-bound ops, achieved GB/s against the measured bandwidth (the
-                          roofline's flat part) -- for compute-bound rows (attention) the note's GFLOP/s
+                          and the rate against the roofline: for memory-bound ops achieved GB/s of the
+                          op's minimal traffic against the measured bandwidth; for compute-bound rows
+                          (a ``flops=`` in the row's note, as bench_attention writes) GFLOP/s (TFLOP/s
+                          on a GPU)
 
 The benches live in the repository's ``benchmarks/`` folder (not in an installed wheel): run from a
 checkout (``pip install -e .``), or point ``--benchmarks`` at one.
@@ -109,6 +111,8 @@ def plot(bench: str, rows: list, out: Path) -> Optional[str]:
     for r in mine:
         key = f"{r['case']} {r['dtype']}" + (f" [{r['timing']}]" if r["timing"] != "perf_counter" else "")
         table[key][r["impl"]] = r
+    flop_rows = {id(r): _flops(r) for r in mine}
+    compute = any(flop_rows.values())
     bw_rows = [r for r in mine if float(r["bytes"] or 0) > 0]
     ncol = 2 if bw_rows else 1
     height = max(3.0, 0.32 * len(cases) * max(1, len(impls)) / 2 + 1.5)
@@ -125,23 +129,36 @@ def plot(bench: str, rows: list, out: Path) -> Optional[str]:
             ax.plot([floors[0]] * 2, [i - bar / 2, i + 0.8 - bar / 2], color="black", lw=1.5)
     ax.set_yticks([i + 0.4 - bar / 2 for i in range(len(cases))], cases, fontsize=7)
     ax.set_xscale("log")
+    positive = [float(r["median_ms"]) for r in mine if float(r["median_ms"] or 0) > 0]
+    positive += [float(r["floor_ms"]) for r in mine if float(r["floor_ms"] or 0) > 0]
+    if positive:  # bars start well left of the shortest, so every bar shows its length on the log axis
+        ax.set_xlim(left=min(positive) / 3)
     ax.set_xlabel("median ms (log; black tick: bytes / measured bandwidth)")
     ax.invert_yaxis()
     ax.legend(fontsize=7)
     ax.set_title(f"{bench}: time per call")
     if bw_rows:
         ax = axes[0][1]
+        gpu = any("cuda" in r["timing"] for r in mine)
+        unit, div = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
+
+        def rate(r):  # compute-bound rows: the work's rate; memory-bound: GB/s of the minimal traffic
+            work = flop_rows[id(r)]
+            return work / (float(r["median_ms"]) * 1e-3) / div if compute else float(r["gbps"])
+
         for j, impl in enumerate(impls):
             ys = [i + j * bar for i in range(len(cases))]
-            xs = [float(table[c][impl]["gbps"]) if impl in table[c] else 0.0 for c in cases]
+            xs = [rate(table[c][impl]) if impl in table[c] and (flop_rows[id(table[c][impl])] or not compute)
+                  else 0.0 for c in cases]
             ax.barh(ys, xs, height=bar, label=impl)
-        bw = max(float(r["bw_gbps"]) for r in bw_rows)
-        ax.axvline(bw, color="black", lw=1.5, ls="--", label=f"measured bandwidth {bw:.0f} GB/s")
+        if not compute:
+            bw = max(float(r["bw_gbps"]) for r in bw_rows)
+            ax.axvline(bw, color="black", lw=1.5, ls="--", label=f"measured bandwidth {bw:.0f} GB/s")
         ax.set_yticks([i + 0.4 - bar / 2 for i in range(len(cases))], [""] * len(cases))
-        ax.set_xlabel("achieved GB/s of the op's minimal traffic")
+        ax.set_xlabel(f"achieved {unit} (compute-bound)" if compute else "achieved GB/s of the op's minimal traffic")
         ax.invert_yaxis()
         ax.legend(fontsize=7)
-        ax.set_title("roofline (memory-bound part)")
+        ax.set_title("compute rate" if compute else "roofline (memory-bound part)")
     r0 = mine[0]
     fig.suptitle(f"{r0['device']} · torch {r0['torch']} · commit {r0['commit']} · {r0['date']}", fontsize=8)
     fig.tight_layout()
@@ -149,6 +166,18 @@ def plot(bench: str, rows: list, out: Path) -> Optional[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+def _flops(row: dict) -> float:
+    """The ``flops=`` a bench put in the row's note (0 when none)."""
+    for part in row.get("note", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == "flops":
+            try:
+                return float(value)
+            except ValueError:
+                return 0.0
+    return 0.0
 
 
 def write_report(out: Path, sections: list, figures: dict) -> Path:

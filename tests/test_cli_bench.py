@@ -44,6 +44,7 @@ def fake_benchmarks(tmp_path: Path) -> Path:
                                 reps=5, bytes=4000000, floor_ms=0.2, gbps=4 / ms, pct_of_bw=10, speedup_vs_eager=1,
                                 bw_gbps=20, cold="rotate", device="cpu", threads=2, torch="2", triton="3",
                                 python="3", other_load_pct=0, note="quick" if a.quick else ""))
+        
         '''))
     (folder / "bench_kd.py").write_text("import sys\nsys.exit(3)\n")
     return folder
@@ -59,6 +60,21 @@ def test_bench_writes_csv_report_and_plot(tmp_path, fake_benchmarks):
     report = (out / "report.md").read_text()
     assert "| dmd | ok |" in report and "![dmd](dmd.png)" in report and "| 16x4 | eager | 2.0 |" in report
     assert (out / "dmd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compute_bound_rows_are_plotted_as_flop_rates(tmp_path):
+    """Rows with ``flops=`` in their note (bench_attention) get a compute-rate panel instead of GB/s."""
+    from flashdistill.engine import bench_report
+
+    fields = HARNESS_FIELDS.split(",")
+    rows = [dict.fromkeys(fields, "0") | dict(date="d", commit="c", benchmark="attention", case="2x8x1024x64 fwd",
+                                              dtype="float32", impl=impl, timing="perf_counter", median_ms=str(ms),
+                                              bytes="1000", gbps="1", bw_gbps="20", device="cpu", torch="2",
+                                              note=f"compile+first call 1 s; flops={1.1e10:.6g}")
+            for impl, ms in (("eager", 40.0), ("flashdistill:cpu", 20.0))]
+    assert bench_report._flops(rows[0]) == 1.1e10 and bench_report._flops({"note": "x"}) == 0.0
+    assert bench_report.plot("attention", rows, tmp_path) == "attention.png"
+    assert (tmp_path / "attention.png").stat().st_size > 1000
 
 
 def test_a_failing_bench_is_reported_and_the_exit_code_says_so(tmp_path, fake_benchmarks):
