@@ -109,11 +109,13 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``flashdistill.attention`` (no mask)."""
+    """Multi-head self-attention through ``flashdistill.attention``: no mask, or ``causal`` (top-left, as
+    SDPA's is_causal; the kd demo's language model)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = False):
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
@@ -121,7 +123,7 @@ class Attention(nn.Module):
         B, L, W = x.shape
         # [B, L, 3, H, D] -> three [B, H, L, D] views; the kernels read these strides in place
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = flashdistill.attention(q, k, v)
+        out = flashdistill.attention(q, k, v, causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(B, L, W))
 
 

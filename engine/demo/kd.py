@@ -95,6 +95,7 @@ import flashdistill
 from flashdistill.engine import recipes
 from flashdistill.engine.demo import data as D
 from flashdistill.engine.demo import report as R
+from flashdistill.engine.demo.dit import Attention
 from flashdistill.engine.runtime import capture
 
 __all__ = ["STDLIB_MODULES", "VOCAB", "VOCAB_SIZE", "UNK", "corpus_documents", "split_documents", "encode", "decode",
@@ -221,27 +222,12 @@ class LMConfig:
             raise ValueError(f"LMConfig: heads={self.heads} does not divide width={self.width}")
 
 
-class _SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, L, W = x.shape
-        # [B, L, 3, heads, D] -> three [B, heads, L, D] views; the kernels read these strides in place
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = flashdistill.attention(q, k, v, causal=True)
-        return self.proj(out.transpose(1, 2).reshape(B, L, W))
-
-
 class _Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.norm1 = nn.LayerNorm(width)
-        self.attn = _SelfAttention(width, heads)
+        self.attn = Attention(width, heads, causal=True)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
