@@ -322,8 +322,7 @@ class CapturedStep:
             torch.cuda.current_stream(device).wait_stream(stream)
             torch.cuda.synchronize(device)
         # static inputs hold this call's batch again (the warm-up may have changed them in place)
-        torch._foreach_copy_([x for x in static if isinstance(x, Tensor)],
-                             [x for x in leaves if isinstance(x, Tensor)])
+        _copy_into([x for x in static if isinstance(x, Tensor)], [x for x in leaves if isinstance(x, Tensor)])
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
@@ -356,12 +355,19 @@ class CapturedStep:
             entry = self._graphs[key]
             self._say(f"captured a graph for a new input structure ({self.num_graphs} now)")
         else:
-            torch._foreach_copy_(entry[1], [x for x in leaves if isinstance(x, Tensor)], non_blocking=True)
+            _copy_into(entry[1], [x for x in leaves if isinstance(x, Tensor)])
         graph, _, out = entry
         graph.replay()
         if self.engine.clone_outputs:
             return pytree.tree_map(lambda t: t.clone(), out)
         return out
+
+
+def _copy_into(static: list, new: list) -> None:
+    """The batch into the graph's static inputs, one fused copy (none for a step without tensor inputs:
+    an unconditional recipe step takes only cond=None)."""
+    if static:
+        torch._foreach_copy_(static, new, non_blocking=True)
 
 
 @contextlib.contextmanager

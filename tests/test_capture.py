@@ -274,3 +274,32 @@ def test_an_uncapturable_optimizer_is_refused_before_capture():
                 optimizers=[opt], verbose=False)
 
 
+
+
+def test_a_step_without_tensor_inputs_copies_nothing():
+    """An unconditional recipe step takes only cond=None: there is nothing to copy into the graph (an empty
+    torch._foreach_copy_ raises), and the key holds the None."""
+    from flashdistill.engine.runtime import _copy_into
+
+    _copy_into([], [])
+    a, b = torch.zeros(3), torch.arange(3.0)
+    _copy_into([a], [b])
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_graph_of_an_unconditional_step():
+    model = _model(device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    source = fd.NoiseSource(0, device="cuda")
+
+    def step(cond=None):
+        opt.zero_grad(set_to_none=True)
+        loss = model(source.randn((4, 6))).square().mean()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach()}
+
+    captured = capture(step, None, optimizers=[opt], sources=[source], verbose=False)
+    first, second = captured(None)["loss"].clone(), captured(None)["loss"].clone()
+    assert captured.num_graphs == 1 and not torch.equal(first, second)  # fresh noise at every replay
