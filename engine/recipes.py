@@ -300,6 +300,7 @@ def consistency(student: nn.Module, teacher: nn.Module, ema_student: nn.Module, 
     (kind "l2" as LCM's default, "huber" LCM's elementwise sqrt(d^2 + c^2) - c, "pseudo_huber" iCT's per-sample
     one), the optimizer step, and ema <- ema + (1 - ema_decay)(student - ema) (LCM's target network, decay
     0.95) with one ``torch._foreach_lerp_``. ``ema_student`` (a copy of the student) is the step's ``state``.
+    FSDP2: a ``fully_shard``-ed EMA is updated on its shards and its units are resharded after the update.
 
     guidance: Ho form; LCM's w (its "offset" form c + w (c - u), w ~ U[5, 15]) is guidance = w + 1. A fixed
     scale without a w-embedding in the student, as the released LCM-LoRA (LCM issue #40). Metrics: "loss".
@@ -322,6 +323,8 @@ def consistency(student: nn.Module, teacher: nn.Module, ema_student: nn.Module, 
     if len(online) != len(ema) or any(p.shape != q.shape for p, q in zip(online, ema)):
         raise ValueError(f"{R}: ema_student must have the student's parameters (a copy of it)")
     real_net, ema_net = _unwrap(teacher), _unwrap(ema_student)
+    FSDPModule = _fsdp_module_type()  # the EMA's FSDP2 units: resharded after the update (see below)
+    ema_units = [m for m in ema_net.modules() if isinstance(m, FSDPModule)] if FSDPModule is not None else []
     N, k = num_ddim_timesteps, T // num_ddim_timesteps
 
     def boundary(t, x):  # (c_skip, c_out) [B, 1, ...] in x's compute dtype
@@ -352,6 +355,8 @@ def consistency(student: nn.Module, teacher: nn.Module, ema_student: nn.Module, 
         optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, online, 1.0 - ema_decay)
+        for unit in ema_units:  # FSDP2 keeps a root unit gathered after a no_grad forward; the lerp updated the
+            unit.reshard()      # shards, so the next forward must gather them again, not reuse the stale copy
         return {"loss": loss.detach()}
 
     return Recipe(R, {"student": Step(student_step, optimizers=(optimizer,), sources=(source,),

@@ -127,8 +127,8 @@ class SplitSource:
 
 
 def score_data_parallel(rank, world, method, wrap, iterations=3):
-    """A score-distillation recipe (VP schedule, eps prediction, classifier-free guidance 3; SiD with the fake
-    score's guidances as in test_recipes) with the generator and the fake score wrapped by ``wrap`` (the teacher
+    """A score-distillation recipe (VP schedule, eps prediction, classifier-free guidance 3; SiD and VSD with the
+    fake score's guidances as in test_recipes) with the generator and the fake score wrapped by ``wrap`` (the teacher
     too, for FSDP2), each rank a different 3 of the 6 conditions and its own noise, 3 iterations (DMD2 with
     fake_updates=2: fake + generator, fake, fake + generator); against test_recipes' plain-PyTorch formula
     reference on all 6 conditions with the same noise (SplitSource).
@@ -136,7 +136,7 @@ def score_data_parallel(rank, world, method, wrap, iterations=3):
     The equivalence asserted, and why it holds: DDP and FSDP2 average the ranks' gradients, and every loss here
     is a mean over the batch of per-sample terms whose normalizers are per-sample: DSM's mean squared error,
     DMD's 0.5 mean_i (x - sg(x - g))^2 with g = (x0_fake - x0_real) / mean_{i in b} |x - x0_real| (the mean over
-    the elements of sample b only), SiD's (1/B) sum_b (...) / w_b with w_b = sg(mean_{i in b} |x - r|). So the
+    the elements of sample b only), VSD's the same with g = sigma_b^2 (eps_real - eps_fake), SiD's (1/B) sum_b (...) / w_b with w_b = sg(mean_{i in b} |x - r|). So the
     mean of two half-batch gradients is the whole batch's gradient, up to float64 rounding: the same SGD
     (momentum) updates, the same parameters (TOL), and each rank's loss is its half's, the two averaging to the
     reference's. A batch-wide normalizer (e.g. a mean over the batch of |x - x0|) would break this: each rank
@@ -145,7 +145,8 @@ def score_data_parallel(rank, world, method, wrap, iterations=3):
 
     import flashdistill as fd
 
-    opts = dict(guidance=3.0) if method == "dmd2" else dict(guidance=3.0, fake_guidance=1.5, fake_train_guidance=2.0)
+    opts = {"dmd2": dict(guidance=3.0), "vsd": dict(guidance=3.0, fake_guidance=1.5),
+            "sid": dict(guidance=3.0, fake_guidance=1.5, fake_train_guidance=2.0)}[method]
     nets = (tr.Gen(COND, 0), tr.Score(COND, 1), tr.Score(COND, 2))
     cond = torch.linspace(-1, 1, world * B_RANK * COND, dtype=F64).reshape(world * B_RANK, COND)
     sched = fd.VPSchedule()
@@ -207,6 +208,70 @@ def fsdp2_sid(rank, world):
     """... and here through their FSDP2 forwards (unsharded for the backward, no gradient kept); the fake step
     calls the fake score twice (its guided DSM target)."""
     score_data_parallel(rank, world, "sid", fsdp2)
+
+
+@case
+def ddp_vsd(rank, world):
+    score_data_parallel(rank, world, "vsd", ddp)
+
+
+@case
+def fsdp2_vsd(rank, world):
+    score_data_parallel(rank, world, "vsd", fsdp2)
+
+
+def consistency_data_parallel(rank, world, wrap, prediction, kind, N, iterations=3):
+    """consistency (LCM, guidance 3) with the student, the teacher and the EMA student wrapped by ``wrap`` (the
+    teacher and the EMA frozen replicas under DDP, sharded under FSDP2), each rank a different 3 of 6 data
+    samples and conditions and its own noise, 3 steps; against test_recipes' lcm_reference (diffusers' script
+    written out) on all 6 with the same noise (SplitSource).
+
+    Why it holds: "l2" and "huber" are means over all elements and "pseudo_huber" a mean over samples of a
+    per-sample term, all samples the same size, so the mean of the two half-batch gradients is the whole
+    batch's; the EMA update then reads the same student on every rank. Under FSDP2 the EMA is updated on its
+    shards and its forward must gather the updated values (FSDP2 keeps a root unit gathered after a no_grad
+    forward: a stale gathered EMA would give the second step's target from the first step's EMA)."""
+    import test_recipes as tr
+
+    import flashdistill as fd
+    from flashdistill.engine import recipes
+
+    sched = fd.VPSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    student, teacher = tr.Score(COND, 3), tr.Score(COND, 4)
+    ref = [copy.deepcopy(m) for m in (student, teacher, student)]
+    ref_opt, src = tr.sgd(ref[0]), SplitSource(world)
+    c = {"l2": None, "huber": 1e-3, "pseudo_huber": 0.05}[kind]
+    S, T, E = (wrap(copy.deepcopy(m), trained) for m, trained in ((student, True), (teacher, False), (student, False)))
+    recipe = recipes.consistency(S, T, E, optimizer=tr.sgd(S), schedule=sched, source=fd.NoiseSource(SEED + rank),
+                                 num_ddim_timesteps=N, prediction=prediction, guidance=3.0, null_cond=tr.NULL,
+                                 ema_decay=0.9, kind=kind, c=c)
+    n = world * B_RANK
+    x0 = torch.sin(torch.arange(n * tr.D, dtype=F64)).reshape(n, *tr.SHAPE)
+    cond = torch.linspace(-1, 1, n * COND, dtype=F64).reshape(n, COND)
+    half = slice(rank * B_RANK, (rank + 1) * B_RANK)
+    for i in range(iterations):
+        loss = recipe["student"](x0[half], cond[half])["loss"].clone()
+        want = tr.lcm_reference(*ref, sched, src, x0, cond, N=N, w=3.0, prediction=prediction, kind=kind,
+                                c=c if c is not None else 0.0, decay=0.9, opt=ref_opt)
+        dist.all_reduce(loss)
+        torch.testing.assert_close(loss / world, want.detach(), **TOL,
+                                   msg=lambda m: f"iteration {i}, mean of the ranks' losses: {m}")
+    for what, net, ref_net in (("student", S, ref[0]), ("teacher", T, ref[1]), ("ema_student", E, ref[2])):
+        got = gathered(inner(net))
+        assert_same_on_ranks(got, what)
+        assert_close_params(got, dict(ref_net.named_parameters()), what)
+    got_s, got_e = gathered(inner(S)), gathered(inner(E))
+    assert any((p - got_e[k]).abs().max() > 1e-8 for k, p in got_s.items()), "the EMA equals the student"
+
+
+@case
+def ddp_consistency(rank, world):
+    consistency_data_parallel(rank, world, ddp, "eps", "huber", 50)
+
+
+@case
+def fsdp2_consistency(rank, world):
+    consistency_data_parallel(rank, world, fsdp2, "v", "pseudo_huber", 7)
 
 
 # ----------------------------------------------------------------------------------------------------

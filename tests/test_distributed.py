@@ -1,12 +1,13 @@
 """Recipes under torch.distributed (issue #7): 2 processes on gloo, each case against a single-process float64
 run; the cases, and which equivalence each asserts and why, are in tests/distributed_worker.py.
 
-  DDP      dmd2 and sid with the generator and the fake score in DistributedDataParallel, each rank a different
-           half of the batch and its own noise: parameters bit-identical on the ranks and equal to
-           test_recipes' plain-PyTorch reference on the whole batch with the same noise; llm_kd on tiny Hugging
-           Face Llamas against the recipe in one process on the whole batch (full)
-  FSDP2    the same with fully_shard on the generator, the fake score and the teacher (parameters gathered
-           with full_tensor()); llm_kd with every decoder layer and the model sharded, and with every unit
+  DDP      dmd2, sid and vsd with the generator and the fake score in DistributedDataParallel, each rank a
+           different half of the batch and its own noise: parameters bit-identical on the ranks and equal to
+           test_recipes' plain-PyTorch reference on the whole batch with the same noise; consistency (the
+           student in DDP) likewise against test_recipes' lcm_reference, the EMA student too; llm_kd on tiny
+           Hugging Face Llamas against the recipe in one process on the whole batch (full)
+  FSDP2    the same with fully_shard on the generator, the fake score and the teacher (consistency: the
+           student, the teacher and the EMA student; parameters gathered with full_tensor()); llm_kd with every decoder layer and the model sharded, and with every unit
            resharding after its forward, the LM heads units of their own and the teacher sharded too (full)
   vocab    llm_kd(..., process_group=): each rank holds its slice (uneven widths) of the student's and the
            teacher's LM head; the losses, every gradient and the parameters equal the unsplit run's (a small
@@ -38,7 +39,8 @@ import distributed_worker as worker  # noqa: E402
 WORLD = 2
 DEADLINE_S = 300  # a group takes 10-40 s on 2 busy cores; past this it hangs
 GROUPS = {  # one launch each: the default suite's, and the Hugging Face cases' (transformers, marked full)
-    "default": ["ddp_dmd2", "fsdp2_dmd2", "ddp_sid", "fsdp2_sid", "vocab_parallel_kd"],
+    "default": ["ddp_dmd2", "fsdp2_dmd2", "ddp_sid", "fsdp2_sid", "ddp_vsd", "fsdp2_vsd", "ddp_consistency",
+                "fsdp2_consistency", "vocab_parallel_kd"],
     "hf": ["ddp_llm_kd", "fsdp2_llm_kd", "fsdp2_llm_kd_resharded", "vocab_parallel_llm_kd"],
 }
 _results = {}
