@@ -755,13 +755,7 @@ def _mib(b) -> str:
 
 def format_kd_table(report: dict) -> str:
     """The result rows as a table, then the memory comparison (measured, then analytic) and the samples."""
-    rows = report["results"]
-    cells = [[h for _, h, _ in KD_COLUMNS]] + [[R._cell(f, r.get(k)) for k, _, f in KD_COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(KD_COLUMNS))]
-
-    def line(row):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-    out = [line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]
+    out = [R.format_table(report["results"], KD_COLUMNS)]
     m = report.get("memory", {})
     if "measured" in m:
         x = m["measured"]

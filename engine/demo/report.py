@@ -47,13 +47,13 @@ def _cell(fmt: str, v) -> str:
         return str(v)
 
 
-def format_table(rows: Sequence[Mapping]) -> str:
-    """A plain-text table of ``rows``, columns as COLUMNS (missing keys shown as "-"); names left,
-    numbers right-aligned."""
+def format_table(rows: Sequence[Mapping], columns: Sequence[tuple] = COLUMNS) -> str:
+    """A plain-text table of ``rows``, columns as ``columns`` ((key, header, format) triples; the image
+    demo's COLUMNS by default; missing keys shown as "-"); names left, numbers right-aligned."""
     if not rows:
         return "(no results)"
-    cells = [[h for _, h, _ in COLUMNS]] + [[_cell(f, r.get(k)) for k, _, f in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    cells = [[h for _, h, _ in columns]] + [[_cell(f, r.get(k)) for k, _, f in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
 
     def line(row):
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
