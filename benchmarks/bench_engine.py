@@ -40,7 +40,7 @@ SIZES = {  # name: (DiT config, batch) / (teacher, student, batch, seq, vocab)
 }
 
 
-def _adamw(params, device):
+def _adamw(params):
     return torch.optim.AdamW(params, lr=1e-4, fused=True)  # fused: a device-side step on CPU and CUDA alike
 
 
@@ -55,8 +55,8 @@ def build_dit_dmd2(size: str, device: torch.device, dtype: torch.dtype):
     teacher = DiT(**cfg).to(device, dtype).eval().requires_grad_(False)
     fake = copy.deepcopy(teacher).train().requires_grad_(True)
     gen = student_from_teacher(teacher, schedule)
-    recipe = recipes.dmd2(gen, teacher, fake, gen_optimizer=_adamw(gen.parameters(), device),
-                          fake_optimizer=_adamw(fake.parameters(), device), schedule=schedule,
+    recipe = recipes.dmd2(gen, teacher, fake, gen_optimizer=_adamw(gen.parameters()),
+                          fake_optimizer=_adamw(fake.parameters()), schedule=schedule,
                           source=fd.NoiseSource(0, device=device), sample_shape=(cfg["channels"], cfg["image_size"],
                                                                                    cfg["image_size"]),
                           prediction=teacher.prediction, guidance=2.0,
@@ -83,7 +83,7 @@ def build_lm_kd(size: str, device: torch.device, dtype: torch.dtype):
 
     teacher = llama(th, tl, tn, ti, 1).eval().requires_grad_(False)
     student = llama(sh, sl, sn, si, 2).train()
-    recipe = recipes.llm_kd(student, teacher, optimizer=_adamw(student.parameters(), device), hard_weight=0.5)
+    recipe = recipes.llm_kd(student, teacher, optimizer=_adamw(student.parameters()), hard_weight=0.5)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(3):

@@ -304,8 +304,7 @@ class CapturedStep:
 
     def _capture(self, args: tuple, kwargs: dict) -> None:
         key, leaves, spec = self._key(args, kwargs)
-        device = next(leaf.device for leaf in leaves if isinstance(leaf, Tensor) and leaf.is_cuda) \
-            if any(isinstance(leaf, Tensor) and leaf.is_cuda for leaf in leaves) else self._device(args, kwargs)
+        device = self._device(args, kwargs)  # the one CUDA device of the batch and the parameters
         stream, pool = self.engine._cuda_resources(device)
         static = [leaf.detach().clone().requires_grad_(leaf.requires_grad) if isinstance(leaf, Tensor) else leaf
                   for leaf in leaves]
