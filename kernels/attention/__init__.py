@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, native
+from flashdistill.kernels import backends, checks, eager, native
 from flashdistill.kernels.attention import reference
 
 OP = "attention"
@@ -62,7 +62,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     Returns out [B, Hq, Lq, D] in q's dtype, or (out, lse) with ``return_lse``."""
     scale = _check_attention(OP, q, k, v, causal, scale)
     backend = backends.requested(OP, backend, q.device, IMPLEMENTED)
-    out, lse = torch.ops.flashdistill.attention_fwd(_last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v),
+    out, lse = _fwd_op(_last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v),
                                                     causal, scale, backend)
     return (out, lse.detach()) if return_lse else out
 
@@ -77,7 +77,7 @@ def attention_kd_loss(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, *, cau
         raise ValueError(f"{KD_OP}: reduction={reduction!r} is not one of {', '.join(REDUCTIONS)}")
     scale_s, scale_t = _check_kd(KD_OP, q_s, k_s, q_t, k_t, causal, scale_s, scale_t)
     backend = backends.requested(KD_OP, backend, q_s.device, IMPLEMENTED)
-    kl, _, _ = torch.ops.flashdistill.attention_kd_fwd(
+    kl, _, _ = _kd_fwd_op(
         _last_dim_unit(q_s), _last_dim_unit(k_s), _last_dim_unit(q_t.detach()), _last_dim_unit(k_t.detach()),
         causal, scale_s, scale_t, backend)
     if reduction == "none":
@@ -298,7 +298,7 @@ _KD_BWD = {"reference": _ref_kd_bwd, "cpu": native.on_cpu_module(_native_kd_bwd)
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration
 
-@torch.library.custom_op("flashdistill::attention_fwd", mutates_args=())
+@eager.custom_op("flashdistill::attention_fwd")
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     _qkv(OP, ("q", "k", "v"), q, k, v)
     return _FWD[backends.resolve(OP, backend, q.device, IMPLEMENTED)](q, k, v, causal, scale)
@@ -309,7 +309,7 @@ def _(q, k, v, causal, scale, backend):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=checks.compute_dtype(q.dtype))
 
 
-@torch.library.custom_op("flashdistill::attention_bwd", mutates_args=())
+@eager.custom_op("flashdistill::attention_bwd")
 def _bwd_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, dout: Tensor, lse: Tensor, causal: bool, scale: float,
             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return _BWD[backends.resolve(OP, backend, q.device, IMPLEMENTED)](q, k, v, out, dout, lse, causal, scale)
@@ -331,14 +331,14 @@ def _fwd_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     if dout is None:  # only lse was used; it carries no gradient (the public op detaches it)
         return None, None, None, None, None, None
-    dq, dk, dv = torch.ops.flashdistill.attention_bwd(q, k, v, out, dout, lse, ctx.causal, ctx.scale, ctx.backend)
+    dq, dk, dv = _bwd_op(q, k, v, out, dout, lse, ctx.causal, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
-@torch.library.custom_op("flashdistill::attention_kd_fwd", mutates_args=())
+@eager.custom_op("flashdistill::attention_kd_fwd")
 def _kd_fwd_op(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, causal: bool, scale_s: float, scale_t: float,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     _check_kd(KD_OP, q_s, k_s, q_t, k_t, causal, scale_s, scale_t)
@@ -352,7 +352,7 @@ def _(q_s, k_s, q_t, k_t, causal, scale_s, scale_t, backend):
     return tuple(q_s.new_empty(q_s.shape[:3], dtype=cd) for _ in range(3))
 
 
-@torch.library.custom_op("flashdistill::attention_kd_bwd", mutates_args=())
+@eager.custom_op("flashdistill::attention_kd_bwd")
 def _kd_bwd_op(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, lse_s: Tensor, lse_t: Tensor, g: Tensor,
                causal: bool, scale_s: float, scale_t: float, backend: str) -> tuple[Tensor, Tensor]:
     return _KD_BWD[backends.resolve(KD_OP, backend, q_s.device, IMPLEMENTED)](q_s, k_s, q_t, k_t, lse_s, lse_t, g,
@@ -376,7 +376,7 @@ def _kd_backward(ctx, g, _g_lse_s, _g_lse_t):
     if g is None:
         return (None,) * 8
     q_s, k_s, q_t, k_t, lse_s, lse_t = ctx.saved_tensors
-    dq, dk = torch.ops.flashdistill.attention_kd_bwd(q_s, k_s, q_t, k_t, lse_s, lse_t, g.contiguous(), *ctx.args)
+    dq, dk = _kd_bwd_op(q_s, k_s, q_t, k_t, lse_s, lse_t, g.contiguous(), *ctx.args)
     return dq, dk, None, None, None, None, None, None
 
 

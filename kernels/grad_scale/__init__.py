@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, native
+from flashdistill.kernels import backends, checks, eager, native
 
 OP = "grad_scale"
 
@@ -50,7 +50,7 @@ _IMPLS = {
 }
 
 
-@torch.library.custom_op("flashdistill::grad_scale", mutates_args=())
+@eager.custom_op("flashdistill::grad_scale")
 def grad_scale(src: Tensor, scale: Tensor, factor: float, backend: str) -> Tensor:
     """src * (scale * factor); scale is a 0-d tensor of the compute dtype on src's device."""
     checks.tensor(OP, "src", src)

@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, grad_scale, native  # noqa: F401 (grad_scale registers its op)
+from flashdistill.kernels import backends, checks, eager, grad_scale, native
 from flashdistill.kernels.kd import reference
 
 OP = "kd_loss"
@@ -78,7 +78,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str =
         t_squared=t_squared)
     lam_f, lam_t = (0.5, lam.reshape(()).to(checks.compute_dtype(s.dtype))) if isinstance(lam, Tensor) else \
         (float(lam), None)
-    loss, soft, hard, _ = torch.ops.flashdistill.kd_loss(s2, t2, KINDS[divergence], V, float(temperature), float(beta),
+    loss, soft, hard, _ = _kd_op(s2, t2, KINDS[divergence], V, float(temperature), float(beta),
                                                       float(alpha), lam_f, lam_t, row_w, hard_labels, hard_w, backend)
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
@@ -335,7 +335,7 @@ def _validate(s2, t2, V, row_w, labels, hard_w):
             raise ValueError(f"{OP}: labels must be int64 of shape ({N},) with hard_weight")
 
 
-@torch.library.custom_op("flashdistill::kd_loss", mutates_args=())
+@eager.custom_op("flashdistill::kd_loss")
 def _kd_op(s2: Tensor, t2: Tensor, kind: int, V: int, temperature: float, beta: float, alpha: float, lam: float,
            lam_t: Optional[Tensor], row_w: Tensor, labels: Optional[Tensor], hard_w: Optional[Tensor],
            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -372,7 +372,7 @@ def register_logits_autograd(op, n_inputs: int) -> None:
         (g,) = ctx.saved_tensors
         if grad_loss is None:  # only soft / hard reached the backward
             return (None,) * n_inputs
-        return (torch.ops.flashdistill.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * (n_inputs - 1)
+        return (grad_scale.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * (n_inputs - 1)
 
     op.register_autograd(backward, setup_context=setup_context)
 

@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, native
+from flashdistill.kernels import backends, checks, eager, grad_scale, native
 from flashdistill.kernels.kd import (KINDS, VOCAB_MODES, check_options, finish, rows_cpu, rows_cuda, rows_reference,
                                      rows_triton, token_weights)
 from flashdistill.kernels.kd import topk
@@ -185,7 +185,7 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, *, stud
     chunk_size = min(chunk_size, N)
     lam_t = lam.reshape(()).to(cd) if isinstance(lam, Tensor) else None  # TAID's scheduled lam
     need = _need(h, w, b)
-    loss, soft, hard, *_ = torch.ops.flashdistill.fused_linear_kd(
+    loss, soft, hard, *_ = _fused_op(
         h2, w, b, tl, th, tw, tb, tids, tlp, topk_code if tids is not None else KINDS[divergence], width,
         float(ratio), float(temperature), float(beta), float(alpha), 0.5 if lam_t is not None else float(lam), lam_t,
         float(softcap or 0.0), float(teacher_softcap or 0.0), row_w, hard_labels, hard_w, chunk_size, need, backend)
@@ -488,7 +488,7 @@ def _validate(h, w, b, tl, th, tw, tb, tids, tlp, width, row_w, labels, hard_w, 
         raise ValueError(f"{OP}: width {width} must be V = {V} or Vt = {Vt}, and >= min(V, Vt)")
 
 
-@torch.library.custom_op("flashdistill::fused_linear_kd", mutates_args=())
+@eager.custom_op("flashdistill::fused_linear_kd")
 def _fused_op(h: Tensor, w: Tensor, b: Optional[Tensor], tl: Optional[Tensor], th: Optional[Tensor],
               tw: Optional[Tensor], tb: Optional[Tensor], tids: Optional[Tensor], tlp: Optional[Tensor], kind: int,
               width: int, ratio: float, temperature: float, beta: float, alpha: float,
@@ -533,7 +533,7 @@ def _backward(ctx, grad_loss, grad_soft, grad_hard, *_):
     def scaled(g, bit):
         if not ctx.need & bit or grad_loss is None:
             return None
-        return torch.ops.flashdistill.grad_scale(g, grad_loss.to(checks.compute_dtype(g.dtype)), 1.0, ctx.backend)
+        return grad_scale.grad_scale(g, grad_loss.to(checks.compute_dtype(g.dtype)), 1.0, ctx.backend)
 
     return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 22
 

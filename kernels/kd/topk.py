@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, native
+from flashdistill.kernels import backends, checks, eager, native
 from flashdistill.kernels.kd import finish, register_logits_autograd, run_rows, token_weights
 from flashdistill.kernels.kd import reference
 
@@ -69,7 +69,7 @@ def topk_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: 
     row_w, hard_w, hard_labels, t2f, n = token_weights(
         OP, tokens, V, s.device, cd, labels=labels, ignore_index=ignore_index, hard_weight=hard_weight,
         soft_weight=soft_weight, normalizer=normalizer, temperature=temperature, t_squared=t_squared)
-    loss, soft, hard, _ = torch.ops.flashdistill.topk_kd_loss(
+    loss, soft, hard, _ = _topk_op(
         s.reshape(-1, V), ids2, teacher_logprobs.reshape(-1, K).to(cd), mode_code, float(temperature),
         float(ratio), row_w, hard_labels, hard_w, backend)
     if return_parts:
@@ -229,7 +229,7 @@ def _validate(z, ids, lp, row_w, labels, hard_w):
             raise ValueError(f"{OP}: labels must be int64 of shape ({N},) with hard_weight")
 
 
-@torch.library.custom_op("flashdistill::topk_kd_loss", mutates_args=())
+@eager.custom_op("flashdistill::topk_kd_loss")
 def _topk_op(z: Tensor, ids: Tensor, lp: Tensor, mode: int, temperature: float, ratio: float, row_w: Tensor,
              labels: Optional[Tensor], hard_w: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, soft sum, hard sum, d loss / d student) for [N, V] logits and a [N, K] top-k teacher."""

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, native, params
+from flashdistill.kernels import backends, checks, eager, native, params
 from flashdistill.kernels.regression import reference
 
 OP = "regression"
@@ -98,7 +98,7 @@ def dsm_loss(pred: Tensor, x0: Tensor, noise: Optional[Tensor] = None, *, target
 def _sums(op, names, pred, t1, t2, coef, kind, c, backend):
     backend = backends.requested(op, backend, pred.device)
     _validate(op, names, pred, t1, t2, coef)
-    return torch.ops.flashdistill.regression_sums(pred, t1, t2, coef, kind, c, backend)
+    return _sums_op(pred, t1, t2, coef, kind, c, backend)
 
 
 def _validate(op, names, pred, t1, t2, coef):
@@ -165,7 +165,7 @@ _GRAD = {"reference": reference.grad, "cpu": native.on_cpu_module(_native_grad),
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration
 
-@torch.library.custom_op("flashdistill::regression_sums", mutates_args=())
+@eager.custom_op("flashdistill::regression_sums")
 def _sums_op(pred: Tensor, t1: Tensor, t2: Optional[Tensor], coef: Optional[Tensor], kind: int, c: float,
              backend: str) -> Tensor:
     _validate(OP, ("pred", "t1", "t2"), pred, t1, t2, coef)
@@ -178,7 +178,7 @@ def _(pred, t1, t2, coef, kind, c, backend):
     return pred.new_empty((pred.shape[0],), dtype=checks.compute_dtype(pred.dtype))
 
 
-@torch.library.custom_op("flashdistill::regression_grad", mutates_args=())
+@eager.custom_op("flashdistill::regression_grad")
 def _grad_op(pred: Tensor, t1: Tensor, t2: Optional[Tensor], coef: Optional[Tensor], kind: int, c: float,
              k: Tensor, backend: str) -> Tensor:
     """k_b d (kind 0, 2) or k_b d / sqrt(d^2 + c^2) (kind 1), d = pred - target."""
@@ -201,7 +201,7 @@ def _backward(ctx, grad_sums):
     pred, t1, t2, coef = ctx.saved_tensors
     # d sum_i d^2 / d pred = 2 d; d sum_i (sqrt(d^2 + c^2) - c) / d pred = d / sqrt(d^2 + c^2)
     k = grad_sums * 2.0 if ctx.kind != KINDS["huber"] else grad_sums
-    grad = torch.ops.flashdistill.regression_grad(pred, t1, t2, coef, ctx.kind, ctx.c, k.contiguous(), ctx.backend)
+    grad = _grad_op(pred, t1, t2, coef, ctx.kind, ctx.c, k.contiguous(), ctx.backend)
     return grad, None, None, None, None, None, None
 
 

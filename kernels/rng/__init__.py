@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, native
+from flashdistill.kernels import backends, checks, eager, native
 from flashdistill.kernels.rng import reference
 
 OP = "philox"
@@ -60,7 +60,7 @@ def _draw(kind: str, n: int, seed: int, offset, start: int, dtype, device, backe
         offset.device if isinstance(offset, Tensor) else torch.device("cpu"))
     off = _offset_tensor(offset, device)
     backend = backends.requested(OP, backend, device, IMPLEMENTED)
-    return torch.ops.flashdistill.philox_fill(n, seed, off, start, KINDS[kind], dtype, backend)
+    return _philox_op(n, seed, off, start, KINDS[kind], dtype, backend)
 
 
 def randn(shape, *, seed: int, offset=0, start: int = 0, dtype: torch.dtype = torch.float32, device=None,
@@ -158,7 +158,7 @@ def _triton(n, seed, offset, start, kind, dtype):
 _IMPLS = {"reference": _reference, "cpu": _cpu, "triton": _triton, "cuda": _cuda}
 
 
-@torch.library.custom_op("flashdistill::philox_fill", mutates_args=())
+@eager.custom_op("flashdistill::philox_fill")
 def _philox_op(n: int, seed: int, offset: Tensor, start: int, kind: int, dtype: torch.dtype,
                backend: str) -> Tensor:
     """[n] elements of the stream (see the module docstring); int64 words for kind 0."""

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, native, params
+from flashdistill.kernels import backends, checks, eager, native, params
 from flashdistill.kernels.rng import reference as rng_reference
 from flashdistill.kernels.rng import NoiseSource, _offset_tensor
 from flashdistill.kernels.sampling.schedules import (EDMSchedule, FlowSchedule, TrigFlowSchedule, VPSchedule,
@@ -75,7 +75,7 @@ def q_sample(x0: Tensor, t: Optional[Tensor] = None, schedule=None, *, alpha=Non
     backend = backends.requested(OP, backend, x0.device, IMPLEMENTED)
     zero = torch.zeros_like(a)
     coef = torch.stack([zero, zero, a, zero, zero, s, zero, zero], 1)  # out = alpha x + sigma z
-    xt, _, eps = torch.ops.flashdistill.affine_step(x0, None, None, None, None, 0.0, coef, noise, noise is None, seed,
+    xt, _, eps = _step_op(x0, None, None, None, None, 0.0, coef, noise, noise is None, seed,
                                                     off, start, False, return_noise, backend)
     if source is not None:
         source.offset.add_(1)
@@ -168,7 +168,7 @@ def _validate(x, p, pu, h, w_t, coef, noise, draw):
         raise ValueError(f"{STEP}: draw and a given noise are exclusive")
 
 
-@torch.library.custom_op("flashdistill::affine_step", mutates_args=())
+@eager.custom_op("flashdistill::affine_step")
 def _step_op(x: Tensor, pred: Optional[Tensor], pred_uncond: Optional[Tensor], hist: Optional[Tensor],
              w_t: Optional[Tensor], w: float, coef: Tensor, noise: Optional[Tensor], draw: bool, seed: int, offset: Tensor, start: int,
              want_x0: bool, want_noise: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:

@@ -57,10 +57,10 @@ def _run(op, model_output, x, ax, ap, kx, k0, kz, *, uncond, guidance, cfg, seed
             off = _offset_tensor(offset, x.device)
     else:
         seed, off = 0, torch.zeros((), dtype=torch.int64, device=x.device)
-    from flashdistill.kernels.sampling import IMPLEMENTED
+    from flashdistill.kernels.sampling import IMPLEMENTED, _step_op
 
     backend = backends.requested(op, backend, x.device, IMPLEMENTED)
-    out, x0, _ = torch.ops.flashdistill.affine_step(x, model_output, uncond, hist, w_t, w, coef, None, stochastic,
+    out, x0, _ = _step_op(x, model_output, uncond, hist, w_t, w, coef, None, stochastic,
                                                     seed, off, 0, return_x0, False, backend)
     if source is not None:
         source.offset.add_(1)

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, grad_scale, native, params  # noqa: F401 (grad_scale registers its op)
+from flashdistill.kernels import backends, checks, eager, grad_scale, native, params
 from flashdistill.kernels.score_diff import reference
 
 OP = "score_diff"
@@ -148,7 +148,7 @@ def _call(op, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps
     clip = 0.0 if clip is None else float(clip)
     names = _NAMES[op]
     _validate(op, names, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, float(eps), clip)
-    loss, _ = torch.ops.flashdistill.score_diff(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale,
+    loss, _ = _score_diff_op(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale,
                                                 norm, float(eps), clip, loss_factor, backend)
     return loss
 
@@ -232,7 +232,7 @@ _IMPLS = {"reference": _reference, "cpu": native.on_cpu_module(_native_forward),
 # ----------------------------------------------------------------------------------------------------
 # torch.library registration
 
-@torch.library.custom_op("flashdistill::score_diff", mutates_args=())
+@eager.custom_op("flashdistill::score_diff")
 def _score_diff_op(x: Tensor, a: Tensor, a_u: Optional[Tensor], wa_t: Optional[Tensor], wa: float, b: Tensor,
                    b_u: Optional[Tensor], wb_t: Optional[Tensor], wb: float, x_t: Optional[Tensor],
                    coef: Optional[Tensor], scale: Optional[Tensor], norm: bool, eps: float, clip: float,
@@ -264,7 +264,7 @@ def _backward(ctx, grad_loss, grad_g):
         return (None,) * 17
     # dloss/dx = g * grad_loss * loss_factor: one read of g, one write, the factor kept in the compute
     # dtype and read on the device (no host sync).
-    grad_x = torch.ops.flashdistill.grad_scale(g, grad_loss, ctx.loss_factor, ctx.backend)
+    grad_x = grad_scale.grad_scale(g, grad_loss, ctx.loss_factor, ctx.backend)
     return (grad_x,) + (None,) * 16
 
 

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from flashdistill.kernels import backends, checks, native, params
+from flashdistill.kernels import backends, checks, eager, native, params
 from flashdistill.kernels.score_identity import reference
 
 OP = "score_identity"
@@ -104,7 +104,7 @@ def _sums(op, x, real, real_uncond, guidance, fake, fake_uncond, fake_guidance, 
     wr_t, wr = params.guidance_arg(op, "guidance", guidance, real_uncond, "real_uncond", cfg, x)
     wf_t, wf = params.guidance_arg(op, "fake_guidance", fake_guidance, fake_uncond, "fake_uncond", cfg, x)
     _validate(op, _USER_NAMES, x, real, real_uncond, wr_t, fake, fake_uncond, wf_t)
-    return torch.ops.flashdistill.score_identity_sums(x, real, real_uncond, wr_t, wr, fake, fake_uncond, wf_t,
+    return _sums_op(x, real, real_uncond, wr_t, wr, fake, fake_uncond, wf_t,
                                                       wf, backend)
 
 
@@ -193,7 +193,7 @@ _GRADS = {"reference": _ref_grads, "cpu": native.on_cpu_module(_native_grads),
 # torch.library registration: the forward sums, and the backward as its own op (so that compiled
 # graphs and opcheck see both)
 
-@torch.library.custom_op("flashdistill::score_identity_sums", mutates_args=())
+@eager.custom_op("flashdistill::score_identity_sums")
 def _sums_op(x: Tensor, r: Tensor, r_u: Optional[Tensor], wr_t: Optional[Tensor], wr: float, f: Tensor,
              f_u: Optional[Tensor], wf_t: Optional[Tensor], wf: float, backend: str) -> Tensor:
     _validate(OP, _NAMES, x, r, r_u, wr_t, f, f_u, wf_t)
@@ -206,7 +206,7 @@ def _(x, r, r_u, wr_t, wr, f, f_u, wf_t, wf, backend):
     return x.new_empty((x.shape[0], 3), dtype=checks.compute_dtype(x.dtype))
 
 
-@torch.library.custom_op("flashdistill::score_identity_grads", mutates_args=())
+@eager.custom_op("flashdistill::score_identity_grads")
 def _grads_op(x: Tensor, r: Tensor, r_u: Optional[Tensor], wr_t: Optional[Tensor], wr: float, f: Tensor,
               f_u: Optional[Tensor], wf_t: Optional[Tensor], wf: float, coef: Tensor, need: list[bool],
               backend: str) -> list[Tensor]:
@@ -240,7 +240,7 @@ def _backward(ctx, grad_sums):
     # dL/du = gA y, so P = gA and Q = 2 gQ in the kernel's Gx = -P y, Gr = P u + Q y. S_abs (the
     # normaliser) carries no gradient.
     coef = torch.stack([grad_sums[:, 2], 2.0 * grad_sums[:, 1]], dim=1).contiguous()
-    got = iter(torch.ops.flashdistill.score_identity_grads(
+    got = iter(_grads_op(
         x, r, r_u, wr_t, ctx.wr, f, f_u, wf_t, ctx.wf, coef, need, ctx.backend))
     gx, gr, gru, gf, gfu = (next(got) if v else None for v in need)
     return gx, gr, gru, None, None, gf, gfu, None, None, None
