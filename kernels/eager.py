@@ -21,12 +21,14 @@ record it, *only* when nothing could observe the difference:
 - when autograd would record the call (grad mode on and an input requiring grad), the op has a
   registered backward (else the dispatcher's own error for a missing autograd formula stands).
 
-Anything else goes through the dispatcher, exactly as before. Both paths run the same body and the
+Anything else goes through the dispatcher, as does every call with ``FLASHDISTILL_FAST_PATH=0`` in
+the environment (or after ``set_fast_path(False)``). Both paths run the same body and the
 same backward, so their results are bit-identical (tests/test_eager_fast_path.py holds them to it).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional
 
 import torch
@@ -50,7 +52,7 @@ def fast_path_allowed(args) -> bool:
     return True
 
 
-_enabled = True
+_enabled = os.environ.get("FLASHDISTILL_FAST_PATH", "1") != "0"
 
 
 def set_fast_path(enabled: bool) -> bool:
