@@ -27,6 +27,12 @@ Cases (``--ops`` takes a comma list of them):
     flow_euler      rectified-flow Euler x + (sigma_next - sigma) v,        x, cond, uncond          3     1
                     v = uncond + 3.5 (cond - uncond); per-sample sigmas on a
                     28-step shift-3 grid (FlowSchedule, SD3)
+    loop4           a whole 4-step DDIM loop with guidance 7.5 ("trailing"  x                       16    12
+                    timesteps 999, 749, 499, 249), the model a stand-in of
+                    two elementwise passes (cond = x / 2, uncond = x / 4):
+                    eager's loop of ddim_cfg steps vs flashdistill.sample;
+                    on CUDA the graph rows are issue #5's "4-step loop
+                    captured as one graph" against the eager (event) rows
 
 The VP schedule is Stable Diffusion's: VPSchedule(1000, "scaled_linear", 0.00085, 0.012).
 
@@ -169,6 +175,28 @@ def euler_eager(t: dict) -> torch.Tensor:
     return x + d * _b(sn - s, x)
 
 
+LOOP_STEPS = 4
+
+
+@torch.compiler.disable  # opaque to inductor, as a real network is: else compile fuses it into the steps
+def toy_model(x: torch.Tensor, t: torch.Tensor):
+    """The loop's stand-in network: (cond, uncond) from two elementwise passes, so the loop's time is
+    mostly the sampler's own (the model's traffic: read x, write both, per step)."""
+    return x * 0.5, x * 0.25
+
+
+def loop4_eager(t: dict) -> torch.Tensor:
+    x, table = t["x"], t["table"]
+    B, T = x.shape[0], table.shape[0]
+    grid = (T - 1 - torch.arange(LOOP_STEPS, device=x.device, dtype=torch.float64) * (T / LOOP_STEPS)).round().long()
+    for i in range(LOOP_STEPS):
+        tt = grid[i].expand(B)
+        tp = (grid[i + 1] if i + 1 < LOOP_STEPS else torch.tensor(-1, device=x.device)).expand(B)
+        cond, uncond = toy_model(x, tt)
+        x = ddim_cfg_eager({"x": x, "cond": cond, "uncond": uncond, "table": table, "t": tt, "t_prev": tp})
+    return x
+
+
 def flow_euler_eager(t: dict) -> torch.Tensor:
     x, cond, uncond = t["x"], t["cond"], t["uncond"]
     v = uncond + G_FLOW * (cond - uncond)
@@ -192,7 +220,7 @@ class Case:
     reads: int
     eager: Callable[[dict], torch.Tensor]
     fd: Callable[[dict, str], torch.Tensor]
-    small: str  # "vp" | "euler" | "flow" | "none"
+    small: str  # "vp" | "euler" | "flow" | "loop" | "none"
     given: Optional[Callable[[dict, torch.Tensor], torch.Tensor]] = None
     compile: bool = True
     writes: int = 1
@@ -228,6 +256,9 @@ def make_cases(fd, sched) -> list[Case]:
              lambda t, b: fd.flow_euler_step(t["cond"], t["x"], t["sigma"], t["sigma_next"], uncond=t["uncond"],
                                              guidance=G_FLOW, backend=b),
              "flow"),
+        Case("loop4", f"{LOOP_STEPS}-step DDIM cfg={G_DDIM} toy model", ("x",), 4 * 4, loop4_eager,
+             lambda t, b: fd.sample(toy_model, t["x"], sched, LOOP_STEPS, method="ddim", guidance=G_DDIM, backend=b),
+             "loop", writes=4 * 3),
     ]
 
 
@@ -250,6 +281,8 @@ def make_small(kind: str, fd, sched, shape, dtype, device, gen) -> dict:
         t = torch.randint(0, 1000, (B,), generator=gen, device=device, dtype=torch.int64)
         d.update(table=sched.alphas_cumprod, t=t, t_prev=t - DDIM_STRIDE)  # t_prev < 0 -> -1 semantics (where)
         d["t_prev"] = d["t_prev"].clamp(min=-1)
+    elif kind == "loop":
+        d.update(table=sched.alphas_cumprod)
     elif kind in ("euler", "flow"):
         if kind == "euler":
             grid = fd.EDMSchedule().karras_sigmas(EULER_STEPS, device=device)  # [steps + 1], last 0
@@ -277,7 +310,7 @@ def make_step(fn: Callable[[dict], torch.Tensor], names: tuple[str, ...]):
 def main(argv=None) -> int:
     parser = harness.make_parser(__doc__)
     parser.add_argument("--ops", default=None, help="comma list of cases (default: all): randn, q_sample, "
-                        "q_sample_given, ddim_cfg, ddim_eta1, euler, flow_euler")
+                        "q_sample_given, ddim_cfg, ddim_eta1, euler, flow_euler, loop4")
     parser.add_argument("--shapes", default=None, help="comma list like 64x4x128x128,1x16x21x60x104 (default: those two)")
     parser.add_argument("--check", action="store_true", help="compare every impl's output with the float64 "
                         "reference first (drawn-noise cases: the formula fed the same noise)")
