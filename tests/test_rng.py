@@ -157,3 +157,41 @@ def test_gpu_streams_equal_the_spec(backend, stream):
     assert torch.equal(fd.rand(n, backend=backend, **kw).cpu(), fd.rand(n, backend="cpu", **ref))
     torch.testing.assert_close(fd.randn(n, backend=backend, **kw).cpu(), fd.randn(n, backend="cpu", **ref),
                                rtol=2e-6, atol=2e-6)
+
+
+def _guarded_fill_tail(backend, device, kind, n, start, monkeypatch):
+    """The fill's output as the head of a sentinel-filled buffer: returns what lies past its end."""
+    guard, bufs = 64, []
+
+    def guarded(n_, kind_, dtype, dev):
+        buf = torch.full((n_ + guard,), 7, dtype=torch.int64 if kind_ == rng.KINDS["bits"] else dtype, device=dev)
+        bufs.append(buf)
+        return buf[:n_]
+
+    monkeypatch.setattr(rng, "_out", guarded)
+    fn = {"bits": fd.philox_bits, "uniform": fd.rand, "normal": fd.randn}[kind]
+    fn(n, seed=3, offset=torch.tensor(2, device=device), start=start, backend=backend)
+    assert len(bufs) == 1
+    return bufs[0][n:].cpu()
+
+
+CUTS = [(5, 0), (1, 3), (7, 1), (130, 1), (128, 2)]  # start + n not a multiple of the 4-word block
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST if b in ("cpu", "triton")])
+@pytest.mark.parametrize("kind", ["bits", "uniform", "normal"])
+@pytest.mark.parametrize("cut", CUTS, ids=str)
+def test_fill_writes_nothing_past_its_end(backend, kind, cut, monkeypatch):
+    """A Philox block holds 4 words; a fill that ends inside one must not store the rest (the CUDA
+    kernel once compared against a shadowed name and wrote up to 3 words past the output)."""
+    assert (_guarded_fill_tail(backend, "cpu", kind, *cut, monkeypatch) == 7).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("kind", ["bits", "uniform", "normal"])
+@pytest.mark.parametrize("cut", CUTS, ids=str)
+def test_gpu_fill_writes_nothing_past_its_end(backend, kind, cut, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    assert (_guarded_fill_tail(backend, "cuda", kind, *cut, monkeypatch) == 7).all()

@@ -34,6 +34,7 @@ __global__ void grad_scale_kernel(int64_t n, const T* __restrict__ src, T* __res
 
 template <typename T, typename S>
 void launch(int64_t n, const void* src, void* dst, const void* scale, double factor, cudaStream_t stream) {
+  if (n <= 0) return;  // a zero-block grid is a launch error
   const int64_t per_block = int64_t(kThreads) * kItems;
   int64_t blocks = (n + per_block - 1) / per_block;
   if (blocks > 65535) blocks = 65535;  // grid-stride loop covers the rest

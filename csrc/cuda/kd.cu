@@ -370,9 +370,11 @@ void launch_topk(const TopkArgs& a, cudaStream_t stream) {
   auto go = [&](auto kernel) {
     if (smem > 48 * 1024) {
       const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-      if (e != cudaSuccess)
+      if (e != cudaSuccess) {
+        (void)cudaGetLastError();  // clear it: else the next launch check would report it as its own
         rowwise::bad_arg("topk_kd_forward", "V = " + std::to_string(a.V) + " needs " + std::to_string(smem) +
                                                 " bytes of shared memory: " + cudaGetErrorString(e));
+      }
     }
     kernel<<<unsigned(a.N), kThreads, smem, stream>>>(a);
     rowwise::check_launch("topk_kd_forward", "topk_rows_kernel");

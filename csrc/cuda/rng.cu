@@ -25,24 +25,24 @@ template <typename T, int KIND>  // KIND 0 bits (T = int64_t), 1 uniform, 2 norm
 __global__ void __launch_bounds__(kThreads) philox_kernel(int64_t n, uint64_t seed, const int64_t* offset_ptr,
                                                           uint64_t start, T* out) {
   const uint64_t offset = uint64_t(*offset_ptr);
-  const uint64_t first = start >> 2, last = (start + uint64_t(n) + 3) >> 2;
+  const uint64_t end = start + uint64_t(n), first = start >> 2, last = (end + 3) >> 2;
   for (uint64_t blk = first + blockIdx.x * uint64_t(kThreads) + threadIdx.x; blk < last;
        blk += uint64_t(gridDim.x) * kThreads) {
     const philox::Block b = philox::block_of(blk << 2, seed, offset);
     using C = typename std::conditional<KIND == 0, float, typename Compute<T>::type>::type;
-    C n[4];
-    if constexpr (KIND == 2) philox::block_normals<C>(b, n);
+    C nrm[4];  // not `n`: that name would shadow the length in the bound below (a bug once)
+    if constexpr (KIND == 2) philox::block_normals<C>(b, nrm);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint64_t idx = (blk << 2) + uint64_t(j);
-      if (idx < start || idx >= start + uint64_t(n)) continue;
+      if (idx < start || idx >= end) continue;
       const int64_t i = int64_t(idx - start);
       if constexpr (KIND == 0) {
         out[i] = int64_t(b.w[j]);
       } else if constexpr (KIND == 1) {
         out[i] = rowwise::FromC<T>::cvt(philox::uniform<typename Compute<T>::type>(b.w[j]));
       } else {
-        out[i] = rowwise::FromC<T>::cvt(n[j]);
+        out[i] = rowwise::FromC<T>::cvt(nrm[j]);
       }
     }
   }
