@@ -317,7 +317,8 @@ def test_torch_compile_fullgraph(backend):
 # GPU (run on a CUDA machine; skipped elsewhere)
 
 GPU_CASES = [(2, 8, 2, 1023, 1023, d, c) for d in (32, 64, 96, 128) for c in (False, True)] + \
-    [(1, 4, 4, 97, 1023, 64, True), (1, 4, 1, 1023, 97, 128, True), (3, 2, 2, 1, 1, 64, False)]
+    [(1, 4, 4, 97, 1023, 64, True), (1, 4, 1, 1023, 97, 128, True), (3, 2, 2, 1, 1, 64, False)] + \
+    [(1, 4, 2, 257, 255, 80, True), (2, 2, 1, 130, 130, 256, False), (2, 2, 2, 33, 33, 16, True)]  # generic path
 
 
 @pytest.mark.gpu

@@ -962,11 +962,12 @@ __global__ void __launch_bounds__(kGThreads, 1) attn_kd_fwd_generic(KdAttnArgs a
   }
   if (i < Lq && lane == 0) {
     const int64_t row = int64_t(bh) * Lq + i;
-    const C lse_t = lt > C(0) ? mt + log(lt) : neg_inf<C>();
-    const C lse_s = ls > C(0) ? ms + log(ls) : neg_inf<C>();
-    static_cast<C*>(a.lse_t)[row] = lse_t;
-    static_cast<C*>(a.lse_s)[row] = lse_s;
-    static_cast<C*>(a.kl)[row] = lt > C(0) ? u / lt - lse_t + lse_s : C(0);
+    // in double, as the CPU: the KL is a difference of O(log Lk) terms (float cancels to ~1e-6)
+    const double lse_t = lt > C(0) ? double(mt) + log(double(lt)) : -INFINITY;
+    const double lse_s = ls > C(0) ? double(ms) + log(double(ls)) : -INFINITY;
+    static_cast<C*>(a.lse_t)[row] = C(lse_t);
+    static_cast<C*>(a.lse_s)[row] = C(lse_s);
+    static_cast<C*>(a.kl)[row] = lt > C(0) ? C(double(u) / double(lt) - lse_t + lse_s) : C(0);
   }
 }
 
@@ -1277,11 +1278,13 @@ __global__ void __launch_bounds__(128, 2) attn_kd_fwd_mma(KdAttnArgs a) {
     const int row = row0 + g + 8 * r;
     if (row < Lq && tq == 0) {
       const int64_t o = int64_t(bh) * Lq + row;
-      const float lse_t = lt[r] > 0.f ? mt[r] * kLn2 + logf(lt[r]) : -INFINITY;
-      const float lse_s = ls[r] > 0.f ? ms[r] * kLn2 + logf(ls[r]) : -INFINITY;
-      ltg[o] = lse_t;
-      lsg[o] = lse_s;
-      klg[o] = lt[r] > 0.f ? kLn2 * (u[r] / lt[r]) - lse_t + lse_s : 0.f;
+      // in double, as the CPU: the KL is a difference of O(log Lk) terms (float cancels to ~1e-6)
+      constexpr double kLn2d = 0.69314718055994530942;
+      const double lse_t = lt[r] > 0.f ? double(mt[r]) * kLn2d + log(double(lt[r])) : -INFINITY;
+      const double lse_s = ls[r] > 0.f ? double(ms[r]) * kLn2d + log(double(ls[r])) : -INFINITY;
+      ltg[o] = float(lse_t);
+      lsg[o] = float(lse_s);
+      klg[o] = lt[r] > 0.f ? float(kLn2d * (double(u[r]) / double(lt[r])) - lse_t + lse_s) : 0.f;
     }
   }
 }
@@ -1651,20 +1654,19 @@ void require_sm80(const char* op) {
 
 bool is16(int64_t dtype) { return dtype == kFloat16 || dtype == kBFloat16; }
 
-// D supported by the cuda backend for the dtype; the message is the ABI's (csrc/README.md).
-void check_head_dim(const char* op, int64_t dtype, int64_t D) {
-  if (is16(dtype)) {
-    if (D != 32 && D != 64 && D != 96 && D != 128)
-      throw std::invalid_argument("attention: head dim D=" + std::to_string(D) +
-                                  " not supported by the cuda backend (32, 64, 96, 128)");
-  } else if (D < 1 || D > kMaxGenericD) {
+// D supported by the cuda backend (every dtype); the message is the ABI's (csrc/README.md).
+void check_head_dim(const char* op, int64_t D) {
+  if (D < 1 || D > kMaxGenericD)
     throw std::invalid_argument(std::string("attention: head dim D=") + std::to_string(D) +
-                                " not supported by the cuda backend (1..256 for float32/float64)");
-  }
+                                " not supported by the cuda backend (1..256)");
   (void)op;
 }
 
 bool mma_head_dim(int64_t D) { return D == 32 || D == 64 || D == 96 || D == 128; }
+
+// float16 / bfloat16 at a head dim the tensor-core kernels have an instance for; the rest (float32,
+// float64, and 16-bit at any other D <= 256) runs the generic FMA kernels.
+bool use_mma(int64_t dtype, int64_t D) { return is16(dtype) && mma_head_dim(D); }
 
 // The KD kernels' tile width for a head dim: 96 runs in the 128-wide instance (zero-padded columns).
 template <typename F>
@@ -1682,7 +1684,7 @@ void with_head_dim(int64_t D, F&& f) {
     case 32: f(std::integral_constant<int, 32>{}); break;
     case 64: f(std::integral_constant<int, 64>{}); break;
     case 96: f(std::integral_constant<int, 96>{}); break;
-    default: f(std::integral_constant<int, 128>{}); break;  // check_head_dim ran first
+    default: f(std::integral_constant<int, 128>{}); break;  // use_mma ran first
   }
 }
 
@@ -1726,19 +1728,21 @@ template <typename T>
 void forward_impl(AttnArgs a, cudaStream_t stream) {
   const int64_t BH = int64_t(a.B) * a.Hq;
   if constexpr (std::is_same<T, f16_t>::value || std::is_same<T, bf16_t>::value) {
-    with_head_dim(a.D, [&](auto dc) {
-      constexpr int D = decltype(dc)::value;
-      using Cfg = FwdCfg<D>;
-      a.nblk = int(cdiv(a.Lq, Cfg::kBM));
-      launch(kOpF, "attn_fwd_mma", attn_fwd_mma<T, D, Cfg::kWarps>, BH * a.nblk, 32 * Cfg::kWarps, Cfg::smem(),
-             stream, a);
-    });
-  } else {
-    using C = typename Compute<T>::type;
-    a.nblk = int(cdiv(a.Lq, kGW));
-    const size_t smem = size_t(kGW + kGT) * odd_ld(a.D) * sizeof(C);
-    launch(kOpF, "attn_fwd_generic", attn_fwd_generic<T>, BH * a.nblk, kGThreads, smem, stream, a);
+    if (mma_head_dim(a.D)) {
+      with_head_dim(a.D, [&](auto dc) {
+        constexpr int D = decltype(dc)::value;
+        using Cfg = FwdCfg<D>;
+        a.nblk = int(cdiv(a.Lq, Cfg::kBM));
+        launch(kOpF, "attn_fwd_mma", attn_fwd_mma<T, D, Cfg::kWarps>, BH * a.nblk, 32 * Cfg::kWarps, Cfg::smem(),
+               stream, a);
+      });
+      return;
+    }
   }
+  using C = typename Compute<T>::type;
+  a.nblk = int(cdiv(a.Lq, kGW));
+  const size_t smem = size_t(kGW + kGT) * odd_ld(a.D) * sizeof(C);
+  launch(kOpF, "attn_fwd_generic", attn_fwd_generic<T>, BH * a.nblk, kGThreads, smem, stream, a);
 }
 
 template <typename T>
@@ -1749,26 +1753,28 @@ void backward_impl(AttnArgs a, cudaStream_t stream) {
   launch(kOpB, "attn_bwd_delta", attn_bwd_delta<T>, cdiv(rows, 8), 256, 0, stream, static_cast<const T*>(a.out),
          static_cast<const T*>(a.dout), static_cast<C*>(a.delta), rows, a.D);
   if constexpr (std::is_same<T, f16_t>::value || std::is_same<T, bf16_t>::value) {
-    with_head_dim(a.D, [&](auto dc) {
-      constexpr int D = decltype(dc)::value;
-      AttnArgs k = a;
-      k.nblk = int(cdiv(a.Lk, kBN));
-      launch(kOpB, "attn_bwd_dkdv_mma", attn_bwd_dkdv_mma<T, D, DkdvCfg<D>::kBQ>, BHk * k.nblk, 128,
-             DkdvCfg<D>::smem(), stream, k);
-      AttnArgs q = a;
-      q.nblk = int(cdiv(a.Lq, DqCfg<D>::kBM));
-      launch(kOpB, "attn_bwd_dq_mma", attn_bwd_dq_mma<T, D, DqCfg<D>::kBN>, BHq * q.nblk, 128, DqCfg<D>::smem(),
-             stream, q);
-    });
-  } else {
-    const size_t smem = size_t(2 * kGW + kGT) * odd_ld(a.D) * sizeof(C);
-    AttnArgs k = a;
-    k.nblk = int(cdiv(a.Lk, kGW));
-    launch(kOpB, "attn_bwd_dkdv_generic", attn_bwd_dkdv_generic<T>, BHk * k.nblk, kGThreads, smem, stream, k);
-    AttnArgs q = a;
-    q.nblk = int(cdiv(a.Lq, kGW));
-    launch(kOpB, "attn_bwd_dq_generic", attn_bwd_dq_generic<T>, BHq * q.nblk, kGThreads, smem, stream, q);
+    if (mma_head_dim(a.D)) {
+      with_head_dim(a.D, [&](auto dc) {
+        constexpr int D = decltype(dc)::value;
+        AttnArgs k = a;
+        k.nblk = int(cdiv(a.Lk, kBN));
+        launch(kOpB, "attn_bwd_dkdv_mma", attn_bwd_dkdv_mma<T, D, DkdvCfg<D>::kBQ>, BHk * k.nblk, 128,
+               DkdvCfg<D>::smem(), stream, k);
+        AttnArgs q = a;
+        q.nblk = int(cdiv(a.Lq, DqCfg<D>::kBM));
+        launch(kOpB, "attn_bwd_dq_mma", attn_bwd_dq_mma<T, D, DqCfg<D>::kBN>, BHq * q.nblk, 128, DqCfg<D>::smem(),
+               stream, q);
+      });
+      return;
+    }
   }
+  const size_t smem = size_t(2 * kGW + kGT) * odd_ld(a.D) * sizeof(C);
+  AttnArgs k = a;
+  k.nblk = int(cdiv(a.Lk, kGW));
+  launch(kOpB, "attn_bwd_dkdv_generic", attn_bwd_dkdv_generic<T>, BHk * k.nblk, kGThreads, smem, stream, k);
+  AttnArgs q = a;
+  q.nblk = int(cdiv(a.Lq, kGW));
+  launch(kOpB, "attn_bwd_dq_generic", attn_bwd_dq_generic<T>, BHq * q.nblk, kGThreads, smem, stream, q);
 }
 
 void check_kd(const char* op, int64_t dtype, int64_t B, int64_t H, int64_t Hks, int64_t Hkt, int64_t Lq, int64_t Lk,
@@ -1831,7 +1837,7 @@ void attention_forward_cuda(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, in
                             int64_t causal, double scale, void* out, void* lse, CUstream_st* stream) {
   (void)rowwise::elem_bytes_of(dtype, kOpF);
   check_shapes(kOpF, B, Hq, Hk, Lq, Lk);
-  check_head_dim(kOpF, dtype, D);
+  check_head_dim(kOpF, D);
   if (B * Hq * Lq == 0) return;
   if (q == nullptr || out == nullptr || lse == nullptr || (Lk > 0 && (k == nullptr || v == nullptr)))
     bad_arg(kOpF, "null data pointer among q, k, v, out, lse");
@@ -1839,7 +1845,7 @@ void attention_forward_cuda(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, in
                          causal != 0, scale);
   a.o = out;
   a.lse = lse;
-  if (is16(dtype)) {
+  if (use_mma(dtype, D)) {
     check_out_aligned(kOpF, out, "out");
     require_sm80(kOpF);
   }
@@ -1862,7 +1868,7 @@ void attention_backward_cuda(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, i
                              void* dq, void* dk, void* dv, void* workspace, int64_t workspace_bytes,
                              CUstream_st* stream) {
   const int64_t need = attention_backward_workspace_bytes(dtype, B, Hq, Hk, Lq, Lk, D);
-  check_head_dim(kOpB, dtype, D);
+  check_head_dim(kOpB, D);
   if (workspace_bytes < need)
     bad_arg(kOpB, "workspace of " + std::to_string(workspace_bytes) +
                       " bytes, need attention_backward_workspace_bytes = " + std::to_string(need));
@@ -1884,7 +1890,7 @@ void attention_backward_cuda(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, i
   a.dv = dv;
   a.delta = workspace;
   a.vec_o = reinterpret_cast<uintptr_t>(dout) % 16 == 0;  // contiguous rows of D (a multiple of 8)
-  if (is16(dtype)) {
+  if (use_mma(dtype, D)) {
     if (any_q) check_out_aligned(kOpB, dq, "dq");
     if (any_k) {
       check_out_aligned(kOpB, dk, "dk");

@@ -134,10 +134,11 @@ void affine_step_cuda(int64_t dtype, int64_t B, int64_t D, const void* x, int64_
 // ---- attention (attention.cu; csrc/README.md, "Attention (issue #6)") -------------------------------
 // Tensors [B, H, L, D]: an input is its pointer and (batch, head, row) strides in elements, the head dim
 // contiguous; outputs contiguous; lse / kl / g / Delta of the compute type. causal: 0 / 1 (top-left).
-// float16 / bfloat16 run tensor-core kernels (sm_80+) for D in {32, 64, 96, 128} and throw
-// std::invalid_argument("attention: head dim D=... not supported by the cuda backend (32, 64, 96,
-// 128)") for other D; float32 / float64 run the generic FMA kernels for D <= 256. The KD kernels are
-// generic for every dtype (Ds, Dt <= 256). Deterministic (no atomics). Enqueued on `stream`, no sync.
+// float16 / bfloat16 run tensor-core kernels (sm_80+) for D in {32, 64, 96, 128}; every other case
+// (float32, float64, 16-bit at another D) the generic FMA kernels; D > 256 throws
+// std::invalid_argument("attention: head dim D=... not supported by the cuda backend (1..256)"). The KD
+// kernels likewise: tensor cores for 16-bit with both Ds, Dt in that set, else generic (Ds, Dt <= 256).
+// Deterministic (no atomics). Enqueued on `stream`, no sync.
 void attention_forward_cuda(int64_t dtype, int64_t B, int64_t Hq, int64_t Hk, int64_t Lq, int64_t Lk, int64_t D,
                             const void* q, int64_t q_sb, int64_t q_sh, int64_t q_sl,
                             const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sl,

@@ -10,7 +10,8 @@ Layout as ``torch.nn.functional.scaled_dot_product_attention``: q [B, Hq, Lq, D]
 [B, Hk, Lk, D], Hq a multiple of Hk (grouped-query; multi-query with Hk = 1). ``causal``: key j is
 visible to query i iff j <= i, aligned to the top left as SDPA's ``is_causal`` (so with Lq > Lk the
 last Lq - Lk rows see every key, with Lq < Lk row i sees keys 0..i). Head dims up to 256 (the CUDA
-backend's tensor-core path: 32, 64, 96, 128 in fp16 / bf16). The inputs' head dim must be contiguous
+backend's tensor-core path takes 32, 64, 96, 128 in fp16 / bf16; its generic kernels the rest). The
+inputs' head dim must be contiguous
 for the kernels; other strides (e.g. a [B, L, H, D] projection viewed with .transpose(1, 2)) are read
 in place.
 
