@@ -23,8 +23,10 @@ os.environ["FLASHDISTILL_POISON"] = "1"
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-# "default": a quick sweep for every run; "full" (FLASHDISTILL_HYPOTHESIS=full, `make test-full`).
-settings.register_profile("default", max_examples=25, deadline=None,
+# "default": a quick sweep for every run, derandomized (the same examples every run: CI cannot fail on
+# a draw no one has seen); "full" (FLASHDISTILL_HYPOTHESIS=full, `make test-full`): random and longer,
+# the place where new failing examples are found (one was: the huber loss budget, 2026-12-02).
+settings.register_profile("default", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("full", max_examples=300, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -213,7 +213,12 @@ def run_oracle(case: Case):
 
 
 def loss_magnitude(case: Case) -> float:
-    """Sum of the magnitudes of the K2 loss's terms (they cancel), in float64; 0 for other ops."""
+    """Sum of the magnitudes of the loss's terms where they cancel, in float64: the K2 losses, and the
+    elementwise pseudo-Huber sqrt(d^2 + c^2) - c (small d: each term is two numbers near c); 0 else."""
+    if case.op == "consistency" and case.kwargs["kind"] == "huber":
+        d = as_oracle(case.tensors["pred"]) - as_oracle(case.tensors["target"])
+        c = case.kwargs["c"]
+        return float((torch.sqrt(d * d + c * c) + c).mean())
     if case.op not in ("sid", "sim"):
         return 0.0
     T = {k: as_oracle(v) for k, v in case.tensors.items()}

@@ -119,6 +119,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("t1"), py::arg("t1_bs"), py::arg("t2"), py::arg("t2_bs"), py::arg("coef"), py::arg("kind"),
         py::arg("c"), py::arg("k"), py::arg("gpred"), py::arg("stream"));
 
+  m.def("regression_forward_grad", &fd::regression_forward_grad, release(),
+        "K3/K5 kinds 0, 1: the per-sample sums and d loss / d pred = k_b phi'(d) in one pass.",
+        py::arg("dtype"), py::arg("B"), py::arg("D"), py::arg("pred"), py::arg("pred_bs"),
+        py::arg("t1"), py::arg("t1_bs"), py::arg("t2"), py::arg("t2_bs"), py::arg("coef"), py::arg("kind"),
+        py::arg("c"), py::arg("k"), py::arg("sums"), py::arg("gpred"));
+
   m.def("kd_forward", &fd::kd_forward, release(),
         "kd_loss row kernel: per-row divergence, hard CE and dL/dz (csrc/cpu/kd.cpp).",
         py::arg("dtype"), py::arg("N"), py::arg("V"), py::arg("student"), py::arg("s_stride"),

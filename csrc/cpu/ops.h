@@ -52,6 +52,11 @@ int64_t regression_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
 void regression_backward(int64_t dtype, int64_t B, int64_t D,
                          uintptr_t pred, int64_t pred_bs, uintptr_t t1, int64_t t1_bs, uintptr_t t2, int64_t t2_bs,
                          uintptr_t coef, int64_t kind, double c, uintptr_t k, uintptr_t gpred, uintptr_t stream);
+// Kinds 0 and 1: the sums and gpred = k_b phi'(d) in one pass (kind 2 throws).
+void regression_forward_grad(int64_t dtype, int64_t B, int64_t D,
+                             uintptr_t pred, int64_t pred_bs, uintptr_t t1, int64_t t1_bs, uintptr_t t2,
+                             int64_t t2_bs, uintptr_t coef, int64_t kind, double c, uintptr_t k, uintptr_t sums,
+                             uintptr_t gpred);
 
 // kd.cpp: the row kernel of kd_loss on logits (csrc/cpu/kd.cpp top comment; kernels/kd/reference.py):
 // per row the tempered divergence D (soft_rows), the hard CE (hard_rows, may be 0) and grad [N, V] =

@@ -1,0 +1,158 @@
+"""The one-pass CPU path of the elementwise K3 losses (kernels/regression: _OnePass; NOTES "regression
+v2"): consistency_loss "l2" / "huber" and dsm_loss write their gradient in the forward. It must give
+the bits of the two-kernel path (sums op + backward op, taken with the fast path off) whenever the
+loss is differentiated with upstream gradient 1, stay within the budget of the float64 reference
+otherwise, survive a second backward through a retained graph, and stay out of the way where it does
+not apply."""
+
+import pytest
+import torch
+
+import flashdistill as fd
+from flashdistill.kernels import eager, native
+from flashdistill.kernels import regression as R
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(3, 2, 5, 7), (1, 1), (2, 4097)]  # odd sizes; one element; a row longer than a 2048 block
+
+
+def _data(shape, dtype, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(n)]
+
+
+def _weight(B, dtype, seed):
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    return (torch.rand(B, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.25).to(cd)
+
+
+def _losses(dtype, B):
+    w = _weight(B, dtype, 5)
+    a, s = w.double() * 0.7, w.double() * 0.4
+    return {
+        "consistency_l2": lambda p, t, n: fd.consistency_loss(p, t, backend="cpu"),
+        "consistency_l2_w": lambda p, t, n: fd.consistency_loss(p, t, weight=w, backend="cpu"),
+        "consistency_huber": lambda p, t, n: fd.consistency_loss(p, t, kind="huber", c=0.3, weight=w, backend="cpu"),
+        "dsm_eps": lambda p, t, n: fd.dsm_loss(p, t, n, backend="cpu"),
+        "dsm_x0_sum": lambda p, t, n: fd.dsm_loss(p, t, target="x0", reduction="sum", weight=w, backend="cpu"),
+        "dsm_v": lambda p, t, n: fd.dsm_loss(p, t, n, target="v", alpha=a, sigma=s, backend="cpu"),
+        "dsm_flow": lambda p, t, n: fd.dsm_loss(p, t, n, target="flow", weight=w, backend="cpu"),
+    }
+
+
+def _run(fn, pred, t, n, upstream=None):
+    p = pred.clone().requires_grad_()
+    loss = fn(p, t, n)
+    (loss if upstream is None else upstream(loss)).backward()
+    return loss.detach(), p.grad
+
+
+@pytest.fixture
+def restore_fast_path():
+    old = eager.set_fast_path(True)
+    yield
+    eager.set_fast_path(old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", sorted(_losses(torch.float32, 1)))
+def test_one_pass_equals_two_kernels_bit_for_bit(name, shape, dtype, restore_fast_path):
+    pred, t, n = _data(shape, dtype, 3, 1)
+    fn = _losses(dtype, shape[0])[name]
+    eager.set_fast_path(False)
+    want = _run(fn, pred, t, n)
+    eager.set_fast_path(True)
+    before = R.HANDOUTS[0]
+    got = _run(fn, pred, t, n)
+    assert R.HANDOUTS[0] == before + 1, "the one-pass path was not taken, or did not hand its gradient over"
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("upstream", ["scaled", "summed", "two_losses"])
+def test_other_upstream_gradients_scale_the_forwards_gradient(upstream, dtype, restore_fast_path):
+    """An upstream gradient other than 1 scales the forward's gradient in place: within rounding of
+    the two-kernel path, and both within the float64 reference's budget. "two_losses": one call gets
+    0.7 (scaled), the other 1 (handed over)."""
+    pred, t, n = _data((4, 3, 33), dtype, 3, 2)
+    w = _weight(4, dtype, 6)
+    if upstream == "two_losses":
+        def fn(p, t_, n_):
+            return fd.dsm_loss(p, t_, n_, weight=w, backend="cpu") * 0.7 + fd.dsm_loss(p, t_, n_, backend="cpu")
+        up, handed = None, 1
+    else:
+        def fn(p, t_, n_):
+            return fd.dsm_loss(p, t_, n_, weight=w, backend="cpu")
+        up = (lambda loss: 0.3 * loss) if upstream == "scaled" else (lambda loss: loss + 2.5 * loss)
+        handed = 0
+    eager.set_fast_path(False)
+    want = _run(fn, pred, t, n, up)
+    eager.set_fast_path(True)
+    before = R.HANDOUTS[0]
+    got = _run(fn, pred, t, n, up)
+    assert R.HANDOUTS[0] == before + handed
+    assert torch.equal(got[0], want[0])
+    tol = dict(rtol=2e-6, atol=1e-9) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-6)
+    torch.testing.assert_close(got[1].double(), want[1].double(), **tol)
+    p64 = pred.double().requires_grad_()
+    w64 = w.double()
+
+    def fn64(p_):
+        out = fd.dsm_loss(p_, t.double(), n.double(), weight=w64, backend="reference")
+        return out * 0.7 + fd.dsm_loss(p_, t.double(), n.double(), backend="reference") if upstream == "two_losses" \
+            else out
+    loss64 = fn64(p64)
+    (loss64 if up is None else up(loss64)).backward()
+    torch.testing.assert_close(got[1].double(), p64.grad, **tol)
+
+
+def test_a_retained_graph_runs_backward_twice(restore_fast_path):
+    pred, t, n = _data((3, 2, 5, 7), torch.float32, 3, 3)
+    p = pred.clone().requires_grad_()
+    loss = fd.dsm_loss(p, t, n, target="v", alpha=0.8, sigma=0.6, backend="cpu")
+    loss.backward(retain_graph=True)
+    first = p.grad.clone()
+    loss.backward(retain_graph=True)  # the first gradient is p.grad now: this one is recomputed
+    loss.backward()
+    torch.testing.assert_close(p.grad, 3 * first, rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError):  # the graph is freed, as for any op
+        loss.backward()
+
+
+def test_where_it_does_not_apply(restore_fast_path):
+    pred, t, n = _data((3, 2, 5, 7), torch.float32, 3, 4)
+    before = R.HANDOUTS[0]
+    with torch.no_grad():
+        a = fd.consistency_loss(pred.clone().requires_grad_(), t, backend="cpu")
+    b = fd.consistency_loss(pred, t, backend="cpu")  # nothing requires grad
+    p = pred.clone().requires_grad_()
+    fd.consistency_loss(p, t, kind="pseudo_huber", backend="cpu").backward()  # per-sample: two kernels
+    w = _weight(3, torch.float32, 7).requires_grad_()
+    p2 = pred.clone().requires_grad_()
+    fd.dsm_loss(p2, t, n, weight=w, backend="cpu").backward()  # a weight to differentiate: two kernels
+    assert R.HANDOUTS[0] == before
+    assert torch.equal(a, b) and w.grad is not None and p2.grad is not None
+    eager.set_fast_path(False)
+    p3 = pred.clone().requires_grad_()
+    fd.dsm_loss(p3, t, n, weight=w.detach(), backend="cpu").backward()
+    assert R.HANDOUTS[0] == before
+
+
+def test_batch_strided_views(restore_fast_path):
+    big = _data((6, 2, 5, 7), torch.float32, 2, 8)
+    pred, t = big[0][::2], big[1][1::2]  # rows addressed by their batch stride
+    eager.set_fast_path(False)
+    want = _run(lambda p, t_, n_: fd.consistency_loss(p, t_, backend="cpu"), pred, t, None)
+    eager.set_fast_path(True)
+    got = _run(lambda p, t_, n_: fd.consistency_loss(p, t_, backend="cpu"), pred, t, None)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_kernel_refuses_the_per_sample_kind():
+    mod = native.cpu_module()[0]
+    x = torch.ones(2, 3)
+    k, s, g = torch.ones(2), torch.empty(2), torch.empty(2, 3)
+    with pytest.raises(ValueError, match="regression_forward_grad: kind 2"):
+        mod.regression_forward_grad(0, 2, 3, x.data_ptr(), 3, x.data_ptr(), 3, 0, 0, 0, 2, 0.0, k.data_ptr(),
+                                    s.data_ptr(), g.data_ptr())
