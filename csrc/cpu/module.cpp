@@ -88,7 +88,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("b"), py::arg("b_bs"), py::arg("b_u"), py::arg("b_u_bs"), py::arg("wb_ptr"), py::arg("wb"),
         py::arg("xt"), py::arg("xt_bs"), py::arg("coef"), py::arg("scale"), py::arg("norm"), py::arg("eps"),
         py::arg("clip"), py::arg("loss_factor"), py::arg("g"), py::arg("loss"),
-        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"));
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"), py::arg("g_scale") = 1.0);
   m.def("score_diff_workspace_bytes", &fd::score_diff_workspace_bytes, release(),
         "Scratch bytes score_diff_forward needs (0 on the CPU).", py::arg("dtype"), py::arg("B"), py::arg("D"));
   m.def("score_identity_forward", &fd::score_identity_forward, release(),

@@ -26,7 +26,8 @@ void score_diff_forward(int64_t dtype, int64_t B, int64_t D,
                         uintptr_t xt, int64_t xt_bs, uintptr_t coef,
                         uintptr_t scale, int64_t norm, double eps, double clip, double loss_factor,
                         uintptr_t g, uintptr_t loss,
-                        uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream);
+                        uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream,
+                        double g_scale);  // g is stored times g_scale (1: the ABI's g; the loss sums g)
 int64_t score_diff_workspace_bytes(int64_t dtype, int64_t B, int64_t D);
 
 // K2 (score_identity.cpp): per-sample sums [B, 3]; backward writes up to five gradients.

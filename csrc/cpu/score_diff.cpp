@@ -116,6 +116,7 @@ template <typename C> struct Coef {
   C m1, m2;  // multipliers of d: (C_b, s_b), (C_b, 1) or (s_b, 1)
   C n;       // n_b
   C big;     // bound of g: sd_bound(clip)
+  C gs;      // factor of the stored g (1, or the loss factor: the gradient itself; the sum uses g)
 };
 
 // r at element j (score_diff.h).
@@ -148,17 +149,17 @@ inline void abs_lanes(const T* __restrict__ xs, const T* __restrict__ bs, const 
 template <int F, typename T, typename G, typename C, int L>
 inline void g_lanes(const T* __restrict__ as, const T* __restrict__ aus, const T* __restrict__ bs,
                     const T* __restrict__ bus, const Coef<C>& k, G* __restrict__ gs, int64_t m, C (&acc)[L]) {
-  const C wa = k.wa, wb = k.wb, m1 = k.m1, m2 = k.m2, n = k.n, big = k.big;
+  const C wa = k.wa, wb = k.wb, m1 = k.m1, m2 = k.m2, n = k.n, big = k.big, f = k.gs;
   int64_t i = 0;
   for (; i + L <= m; i += L)
     for (int l = 0; l < L; ++l) {
       const C v = g_at<F>(as, aus, bs, bus, i + l, wa, wb, m1, m2, n, big);
-      gs[i + l] = v;
+      gs[i + l] = v * f;
       acc[l] += v * v;
     }
   for (int l = 0; i + l < m; ++l) {
     const C v = g_at<F>(as, aus, bs, bus, i + l, wa, wb, m1, m2, n, big);
-    gs[i + l] = v;
+    gs[i + l] = v * f;
     acc[l] += v * v;
   }
 }
@@ -258,6 +259,7 @@ struct Args {
   bool norm;
   double eps, clip, loss_factor;
   uintptr_t g, loss;
+  double g_scale;
 };
 
 // One call's inputs and its per-block partial sums: p1 of |x - r| and p2 of g^2, item
@@ -274,7 +276,7 @@ template <typename T> struct Problem {
   const C* wb_ptr;
   const C* coef;    // [B, 2] (A_b, C_b), with xt
   const C* scale;   // nullptr: s_b = 1
-  C wa, wb, eps, big;
+  C wa, wb, eps, big, gscale;
   T* g;
   double* p1;
   double* p2;
@@ -300,6 +302,7 @@ template <typename T> struct Problem {
     }
     k.n = nb;
     k.big = big;
+    k.gs = gscale;
     return k;
   }
 
@@ -388,7 +391,7 @@ template <typename T> void forward(const Args& q) {
                      sched::rows<T>(q.b, q.b_bs), sched::rows<T>(q.b_u, q.b_u_bs), sched::rows<T>(q.xt, q.xt_bs),
                      reinterpret_cast<const C*>(q.wa_ptr), reinterpret_cast<const C*>(q.wb_ptr),
                      reinterpret_cast<const C*>(q.coef), reinterpret_cast<const C*>(q.scale),
-                     C(q.wa), C(q.wb), C(q.eps), sd_bound<C>(q.clip),
+                     C(q.wa), C(q.wb), C(q.eps), sd_bound<C>(q.clip), C(q.g_scale),
                      reinterpret_cast<T*>(q.g), p1.data(), p2.data(), kPass1[f1], kPass2[f2],
                      simd::stream_outputs(rows_moved * B * D * int64_t(sizeof(T)))};
 
@@ -463,10 +466,10 @@ void score_diff_forward(int64_t dtype, int64_t B, int64_t D,
                         uintptr_t xt, int64_t xt_bs, uintptr_t coef,
                         uintptr_t scale, int64_t norm, double eps, double clip, double loss_factor,
                         uintptr_t g, uintptr_t loss,
-                        uintptr_t /*workspace*/, int64_t /*workspace_bytes*/, uintptr_t /*stream*/) {
+                        uintptr_t /*workspace*/, int64_t /*workspace_bytes*/, uintptr_t /*stream*/, double g_scale) {
   check_dtype(dtype, "score_diff_forward");
   const Args q{B, D, x, x_bs, a, a_bs, a_u, a_u_bs, wa_ptr, wa, b, b_bs, b_u, b_u_bs, wb_ptr, wb,
-               xt, xt_bs, coef, scale, norm != 0, eps, clip, loss_factor, g, loss};
+               xt, xt_bs, coef, scale, norm != 0, eps, clip, loss_factor, g, loss, g_scale};
   switch (dtype) {
     case kFloat32: return forward<float>(q);
     case kFloat16: return forward<f16_t>(q);

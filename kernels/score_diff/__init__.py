@@ -148,9 +148,50 @@ def _call(op, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps
     clip = 0.0 if clip is None else float(clip)
     names = _NAMES[op]
     _validate(op, names, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, float(eps), clip)
-    loss, _ = _score_diff_op(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale,
-                                                norm, float(eps), clip, loss_factor, backend)
+    args = (x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, float(eps), clip, loss_factor)
+    if (torch.is_grad_enabled() and x.requires_grad and eager._enabled and eager.fast_path_allowed(args)
+            and backends.resolve(op, backend, x.device) == "cpu"):
+        return _OnePass.apply(*args)
+    loss, _ = _score_diff_op(*args, backend)
     return loss
+
+
+HANDOUTS = [0]  # _OnePass backwards that returned the forward's gradient untouched (tests read it)
+
+
+def _upstream_is_one(grad: Tensor) -> bool:
+    """The upstream gradient is exactly 1, read on the host: only for a plain CPU tensor (no sync)."""
+    return (type(grad) is Tensor and grad.device.type == "cpu" and grad.numel() == 1 and not grad.requires_grad
+            and grad.item() == 1.0)
+
+
+class _OnePass(torch.autograd.Function):
+    """K1 on the CPU in eager mode (NOTES "score diff v2"): the kernel stores g times the loss factor,
+    i.e. d loss / d x at upstream gradient 1, so the backward hands it to autograd untouched in the
+    common case (loss.backward() on this loss: the bits of the custom op's backward, which scales the
+    stored g by grad * factor in a second pass), scales it in place otherwise, and recomputes it from
+    the saved inputs if the graph is run backward a second time (retain_graph)."""
+
+    @staticmethod
+    def forward(ctx, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor):
+        loss, g = _native_forward(native.cpu_module()[0], x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale,
+                                  norm, eps, clip, loss_factor, g_scale=loss_factor)
+        ctx.save_for_backward(x, a, a_u, wa_t, b, b_u, wb_t, x_t, coef, scale)
+        ctx.args, ctx.g = (wa, wb, norm, eps, clip, loss_factor), g
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        g, ctx.g = ctx.g, None
+        if g is None:  # a second backward through a retained graph: the first g is autograd's now
+            x, a, a_u, wa_t, b, b_u, wb_t, x_t, coef, scale = ctx.saved_tensors
+            wa, wb, norm, eps, clip, lf = ctx.args
+            _, g = _native_forward(native.cpu_module()[0], x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale,
+                                   norm, eps, clip, lf, g_scale=lf)
+        elif _upstream_is_one(grad_loss):
+            HANDOUTS[0] += 1
+            return (g,) + (None,) * 15
+        return (g.mul_(grad_loss),) + (None,) * 15
 
 
 # argument names as the user wrote them, for error messages: (a, a_u, b, b_u)
@@ -198,7 +239,8 @@ def _reference(x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, ep
                                         loss_factor)
 
 
-def _native_forward(mod, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor):
+def _native_forward(mod, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps, clip, loss_factor,
+                    g_scale=None):
     x2, a2, au2, b2, bu2, xt2 = native.rows_of(x if norm else None, a, a_u, b, b_u, x_t)
     B, D = a2.shape
     code = native.DTYPE_CODES[x.dtype]
@@ -211,7 +253,7 @@ def _native_forward(mod, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale
         code, B, D, *native.row_arg(x2), *native.row_arg(a2), *native.row_arg(au2), native.ptr(wa_t), wa,
         *native.row_arg(b2), *native.row_arg(bu2), native.ptr(wb_t), wb, *native.row_arg(xt2), native.ptr(coef),
         native.ptr(scale), int(norm), eps, clip, loss_factor, g.data_ptr(), loss.data_ptr(),
-        native.ptr(ws), ws_bytes, native.stream_of(x))
+        native.ptr(ws), ws_bytes, native.stream_of(x), *(() if g_scale is None else (g_scale,)))
     return loss, g.view(x.shape)
 
 

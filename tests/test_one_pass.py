@@ -1,9 +1,11 @@
-"""The one-pass CPU path of the elementwise K3 losses (kernels/regression: _OnePass; NOTES "regression
-v2"): consistency_loss "l2" / "huber" and dsm_loss write their gradient in the forward. It must give
-the bits of the two-kernel path (sums op + backward op, taken with the fast path off) whenever the
-loss is differentiated with upstream gradient 1, stay within the budget of the float64 reference
-otherwise, survive a second backward through a retained graph, and stay out of the way where it does
-not apply."""
+"""The one-pass CPU paths (NOTES "regression v2", "score diff v2"): the elementwise K3 losses
+(consistency_loss "l2" / "huber", dsm_loss; kernels/regression: _OnePass) and the K1 losses (dmd_loss,
+sds_loss, vsd_loss; kernels/score_diff: _OnePass) write d loss / d input in the forward and hand it to
+autograd when the upstream gradient is 1. They must give the bits of the custom-op path (taken with
+the fast path off) whenever the loss is differentiated with upstream gradient 1 (float32 / float64;
+K1 in 16 bits rounds once instead of twice: within the reference's budget), stay within the budget of
+the float64 reference otherwise, survive a second backward through a retained graph, and stay out of
+the way where they do not apply."""
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 import flashdistill as fd
 from flashdistill.kernels import eager, native
 from flashdistill.kernels import regression as R
+from flashdistill.kernels import score_diff as K1
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(3, 2, 5, 7), (1, 1), (2, 4097)]  # odd sizes; one element; a row longer than a 2048 block
@@ -23,7 +26,8 @@ def _data(shape, dtype, n, seed):
 
 def _weight(B, dtype, seed):
     cd = torch.float64 if dtype == torch.float64 else torch.float32
-    return (torch.rand(B, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.25).to(cd)
+    w = torch.rand(B, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.25
+    return w.to(torch.float32).to(cd)  # the same values in either compute dtype
 
 
 def _losses(dtype, B):
@@ -156,3 +160,82 @@ def test_kernel_refuses_the_per_sample_kind():
     with pytest.raises(ValueError, match="regression_forward_grad: kind 2"):
         mod.regression_forward_grad(0, 2, 3, x.data_ptr(), 3, x.data_ptr(), 3, 0, 0, 0, 2, 0.0, k.data_ptr(),
                                     s.data_ptr(), g.data_ptr())
+
+
+# ----------------------------------------------------------------------------------------------------
+# K1: dmd_loss, sds_loss, vsd_loss
+
+def _k1_losses(dtype, B):
+    w = _weight(B, dtype, 9)
+    return {
+        "dmd": lambda x, r, f, u: fd.dmd_loss(x, r, f, backend="cpu"),
+        "dmd_cfg": lambda x, r, f, u: fd.dmd_loss(x, r, f, real_uncond=u, guidance=1.75, backend="cpu"),
+        "dmd_eps_weight": lambda x, r, f, u: fd.dmd_loss(x, r, f, space="eps", x_t=u, alpha=0.8, sigma=0.6,
+                                                         weight=w, backend="cpu"),
+        "sds_cfg": lambda x, r, f, u: fd.sds_loss(x, r, f, pred_uncond=u, guidance=7.5, weight=w, backend="cpu"),
+        "vsd_cfg_clip": lambda x, r, f, u: fd.vsd_loss(x, r, f, real_uncond=u, guidance=4.5, clip=0.5,
+                                                       backend="cpu"),
+    }
+
+
+def _k1_run(fn, x, r, f, u, upstream=None):
+    xx = x.clone().requires_grad_()
+    loss = fn(xx, r, f, u)
+    (loss if upstream is None else upstream(loss)).backward()
+    return loss.detach(), xx.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", sorted(_k1_losses(torch.float32, 1)))
+def test_k1_one_pass_equals_the_custom_op(name, shape, dtype, restore_fast_path):
+    x, r, f, u = _data(shape, dtype, 4, 11)
+    fn = _k1_losses(dtype, shape[0])[name]
+    eager.set_fast_path(False)
+    want = _k1_run(fn, x, r, f, u)
+    eager.set_fast_path(True)
+    before = K1.HANDOUTS[0]
+    got = _k1_run(fn, x, r, f, u)
+    assert K1.HANDOUTS[0] == before + 1, "the one-pass path was not taken, or did not hand its gradient over"
+    assert torch.equal(got[0], want[0])
+    if dtype in (torch.float32, torch.float64):
+        assert torch.equal(got[1], want[1])
+    else:  # one rounding of kappa g instead of two: both within the float64 reference's budget
+        x64 = x.double().requires_grad_()
+        _k1_losses(torch.float64, shape[0])[name](x64, r.double(), f.double(), u.double()).backward()
+        ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+        tiny = 0.0 if dtype == torch.bfloat16 else 2.0 ** -23  # kappa g can be an fp16 subnormal (step 2^-24)
+        for grad in (got[1], want[1]):
+            torch.testing.assert_close(grad.double(), x64.grad, rtol=2 * ulp, atol=tiny + 1e-30)
+
+
+@pytest.mark.parametrize("upstream", ["scaled", "summed"])
+def test_k1_other_upstream_gradients(upstream, restore_fast_path):
+    x, r, f, u = _data((4, 3, 33), torch.float32, 4, 12)
+    fn = _k1_losses(torch.float32, 4)["dmd_cfg"]
+    up = (lambda loss: 0.3 * loss) if upstream == "scaled" else (lambda loss: loss + 2.5 * loss)
+    eager.set_fast_path(False)
+    want = _k1_run(fn, x, r, f, u, up)
+    eager.set_fast_path(True)
+    before = K1.HANDOUTS[0]
+    got = _k1_run(fn, x, r, f, u, up)
+    assert K1.HANDOUTS[0] == before
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=3e-7, atol=0)
+
+
+def test_k1_retained_graph_and_where_it_does_not_apply(restore_fast_path):
+    x, r, f, u = _data((3, 2, 5, 7), torch.float32, 4, 13)
+    xx = x.clone().requires_grad_()
+    loss = fd.vsd_loss(xx, r, f, real_uncond=u, guidance=4.5, backend="cpu")
+    loss.backward(retain_graph=True)
+    first = xx.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(xx.grad, 3 * first, rtol=1e-6, atol=0)
+    before = K1.HANDOUTS[0]
+    with torch.no_grad():
+        fd.dmd_loss(x.clone().requires_grad_(), r, f, backend="cpu")
+    fd.dmd_loss(x, r, f, backend="cpu")  # nothing requires grad
+    fd.dmd_loss(x.clone().requires_grad_(), r, f, backend="reference").backward()
+    assert K1.HANDOUTS[0] == before
