@@ -97,6 +97,15 @@ class Op:
         return self.body(*args)
 
 
+def upstream_is_one(grad) -> bool:
+    """True when a backward's upstream gradient is exactly 1 and can be read without a device sync: a
+    plain CPU tensor of one element that does not require grad (not a tracer's fake or proxy tensor,
+    not under create_graph). A backward whose forward already wrote d loss / d input at upstream 1 can
+    then hand that tensor over instead of scaling it (one read and one write of it saved)."""
+    return (type(grad) is Tensor and grad.device.type == "cpu" and grad.numel() == 1 and not grad.requires_grad
+            and not torch.compiler.is_compiling() and grad.item() == 1.0)
+
+
 def custom_op(name: str) -> Callable[[Callable], Op]:
     """Decorator: register the function as the custom op ``name`` (no mutated arguments, schema from
     its annotations) and return it as an ``Op`` (module docstring)."""

@@ -239,3 +239,27 @@ def test_k1_retained_graph_and_where_it_does_not_apply(restore_fast_path):
     fd.dmd_loss(x, r, f, backend="cpu")  # nothing requires grad
     fd.dmd_loss(x.clone().requires_grad_(), r, f, backend="reference").backward()
     assert K1.HANDOUTS[0] == before
+
+
+# ----------------------------------------------------------------------------------------------------
+# the KD losses: their forward always wrote the gradient; at upstream 1 the backward now returns it
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kd_gradients_handed_over_at_upstream_one(dtype):
+    from flashdistill.kernels import kd as KD
+
+    g = torch.Generator().manual_seed(21)
+    s = torch.randn(7, 19, generator=g).to(dtype)
+    t = torch.randn(7, 19, generator=g).to(dtype)
+    h = torch.randn(7, 5, generator=g).to(dtype)
+    w = torch.randn(19, 5, generator=g).to(dtype)
+    results = []
+    for up in (1.0, 0.5):
+        ss, hh, ww = (v.clone().requires_grad_() for v in (s, h, w))
+        before = KD.HANDOUTS[0]
+        (up * fd.kd_loss(ss, t, divergence="jsd", backend="cpu")).backward()
+        assert KD.HANDOUTS[0] == before + (up == 1.0)
+        (up * fd.fused_linear_kd_loss(hh, ww, teacher_logits=t, backend="cpu")).backward()
+        results.append((ss.grad, hh.grad, ww.grad))
+    for a, b in zip(*results):  # g at upstream 1 is g * 0.5 / 0.5: the same bits (a power of two)
+        assert torch.equal(a, b * 2)

@@ -359,6 +359,9 @@ def _(s2, t2, kind, V, temperature, beta, alpha, lam, lam_t, row_w, labels, hard
     return scalar, s2.new_empty((), dtype=cd), s2.new_empty((), dtype=cd), torch.empty_like(s2)
 
 
+HANDOUTS = [0]  # backwards that returned the forward's gradient untouched (upstream 1; tests read it)
+
+
 def register_logits_autograd(op, n_inputs: int) -> None:
     """The autograd of an op returning (loss, soft, hard, dloss/dlogits) whose first input is the
     student's logits: the backward scales the gradient computed in the forward by the upstream one
@@ -372,6 +375,9 @@ def register_logits_autograd(op, n_inputs: int) -> None:
         (g,) = ctx.saved_tensors
         if grad_loss is None:  # only soft / hard reached the backward
             return (None,) * n_inputs
+        if eager.upstream_is_one(grad_loss):  # g is the gradient itself: no [N, V] pass (g * 1 is g's bits)
+            HANDOUTS[0] += 1
+            return (g,) + (None,) * (n_inputs - 1)
         return (grad_scale.grad_scale(g, grad_loss, 1.0, ctx.backend),) + (None,) * (n_inputs - 1)
 
     op.register_autograd(backward, setup_context=setup_context)

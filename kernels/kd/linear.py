@@ -530,9 +530,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, grad_soft, grad_hard, *_):
     gh, gw, gb = ctx.saved_tensors
 
+    one = grad_loss is not None and eager.upstream_is_one(grad_loss)  # the gradients themselves: no pass
+
     def scaled(g, bit):
         if not ctx.need & bit or grad_loss is None:
             return None
+        if one:
+            return g
         return grad_scale.grad_scale(g, grad_loss.to(checks.compute_dtype(g.dtype)), 1.0, ctx.backend)
 
     return (scaled(gh, NEED_H), scaled(gw, NEED_W), scaled(gb, NEED_B)) + (None,) * 22

@@ -159,12 +159,6 @@ def _call(op, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps
 HANDOUTS = [0]  # _OnePass backwards that returned the forward's gradient untouched (tests read it)
 
 
-def _upstream_is_one(grad: Tensor) -> bool:
-    """The upstream gradient is exactly 1, read on the host: only for a plain CPU tensor (no sync)."""
-    return (type(grad) is Tensor and grad.device.type == "cpu" and grad.numel() == 1 and not grad.requires_grad
-            and grad.item() == 1.0)
-
-
 class _OnePass(torch.autograd.Function):
     """K1 on the CPU in eager mode (NOTES "score diff v2"): the kernel stores g times the loss factor,
     i.e. d loss / d x at upstream gradient 1, so the backward hands it to autograd untouched in the
@@ -188,7 +182,7 @@ class _OnePass(torch.autograd.Function):
             wa, wb, norm, eps, clip, lf = ctx.args
             _, g = _native_forward(native.cpu_module()[0], x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale,
                                    norm, eps, clip, lf, g_scale=lf)
-        elif _upstream_is_one(grad_loss):
+        elif eager.upstream_is_one(grad_loss):
             HANDOUTS[0] += 1
             return (g,) + (None,) * 15
         return (g.mul_(grad_loss),) + (None,) * 15
