@@ -143,41 +143,11 @@ double sums_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc, C c
 }
 
 // gpred over the block's n elements, stored rounded to T (16-bit: through a float tile); with
-// streaming stores (through a tile in L1) when nt.
-template <int kTarget, bool kHuber, typename T, typename C = typename Compute<T>::type>
-void grad_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc, C k, int64_t n, T* g, bool nt) {
-  alignas(64) C d[kTile], e[kTile], bg[kTile];
-  for (int64_t t = 0; t < n; t += kTile) {
-    const int64_t m = std::min(kTile, n - t);
-    C* out = bg;
-    if constexpr (std::is_same<T, C>::value)
-      if (!nt) out = g + t;
-    with_tile<kTarget>(pred, t1, t2, t, m, [&](auto p, auto a, auto b) {
-      if constexpr (kHuber) {
-        huber_arg<kTarget>(p, a, b, c1, c2, cc, m, d, e);
-        simd::sqrt_inplace(e, m);
-        huber_grad(d, e, k, m, out);
-      } else {
-        l2_grad<kTarget>(p, a, b, c1, c2, k, m, out);
-      }
-    });
-    if constexpr (std::is_same<T, C>::value) {
-      if (nt) simd::stream_copy(bg, m, g + t);
-    } else if (nt) {
-      alignas(64) T line[kTile];
-      simd::narrow(bg, m, line);
-      simd::stream_copy(line, m, g + t);
-    } else {
-      simd::narrow(bg, m, g + t);
-    }
-  }
-}
-
-// The block's sum (as sums_block, the same lanes: the same bits) and its gpred (as grad_block) in one
-// pass: each tile is loaded from memory once, its second reading comes from L1.
-template <int kTarget, bool kHuber, typename T, typename C = typename Compute<T>::type>
-double sums_grad_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc, C cr, C k, int64_t n, T* g,
-                       bool nt) {
+// streaming stores (through a tile in L1) when nt. kSums: also the block's sum, as sums_block computes
+// it (the same lanes: the same bits), in the same pass (each tile is loaded from memory once, its
+// second reading comes from L1); else 0.
+template <int kTarget, bool kHuber, bool kSums, typename T, typename C = typename Compute<T>::type>
+double grad_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc, C cr, C k, int64_t n, T* g, bool nt) {
   constexpr int L = simd::Lanes<C>::n;
   C acc[L] = {};
   alignas(64) C d[kTile], e[kTile], bg[kTile];
@@ -190,10 +160,10 @@ double sums_grad_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc
       if constexpr (kHuber) {
         huber_arg<kTarget>(p, a, b, c1, c2, cc, m, d, e);
         simd::sqrt_inplace(e, m);
-        huber_lanes(e, cr, m, acc);
+        if constexpr (kSums) huber_lanes(e, cr, m, acc);
         huber_grad(d, e, k, m, out);
       } else {
-        l2_lanes<kTarget>(p, a, b, c1, c2, m, acc);
+        if constexpr (kSums) l2_lanes<kTarget>(p, a, b, c1, c2, m, acc);
         l2_grad<kTarget>(p, a, b, c1, c2, k, m, out);
       }
     });
@@ -207,8 +177,7 @@ double sums_grad_block(const T* pred, const T* t1, const T* t2, C c1, C c2, C cc
       simd::narrow(bg, m, g + t);
     }
   }
-  if (nt) simd::stream_fence();  // the reduction's threads do not fence at their end
-  return simd::lanes_total(acc);
+  return kSums ? simd::lanes_total(acc) : 0.0;
 }
 
 // One call's arguments.
@@ -238,14 +207,15 @@ template <typename T> struct Problem {
   template <int kTarget, bool kHuber> void forward_grad_item(const Item& it, const C* k, T* g, bool nt,
                                                              double* out) const {
     const int64_t b = it.b, o = it.off;
-    *out = sums_grad_block<kTarget, kHuber>(pred.row(b) + o, t1.row(b) + o, t2_row<kTarget>(b) + o,
-                                            c1<kTarget>(b), c2<kTarget>(b), cc, cr, k[b], it.n, g + b * D + o, nt);
+    *out = grad_block<kTarget, kHuber, true>(pred.row(b) + o, t1.row(b) + o, t2_row<kTarget>(b) + o,
+                                             c1<kTarget>(b), c2<kTarget>(b), cc, cr, k[b], it.n, g + b * D + o, nt);
+    if (nt) simd::stream_fence();  // the reduction's threads do not fence at their end
   }
 
   template <int kTarget, bool kHuber> void backward_item(const Item& it, const C* k, T* g, bool nt) const {
     const int64_t b = it.b, o = it.off;
-    grad_block<kTarget, kHuber>(pred.row(b) + o, t1.row(b) + o, t2_row<kTarget>(b) + o, c1<kTarget>(b),
-                                c2<kTarget>(b), cc, k[b], it.n, g + b * D + o, nt);
+    grad_block<kTarget, kHuber, false>(pred.row(b) + o, t1.row(b) + o, t2_row<kTarget>(b) + o, c1<kTarget>(b),
+                                       c2<kTarget>(b), cc, cr, k[b], it.n, g + b * D + o, nt);
   }
 };
 
