@@ -12,7 +12,11 @@ Math and citations in ``reference.py`` (the spec). One kernel pair (csrc/README.
 forward reads pred and the target terms once and returns one sum per sample; the loss is a formula of
 those [B] values (per-sample weights, reductions, the per-sample pseudo-Huber); the backward reads
 them again and writes dloss/dpred. Traffic per element (s bytes, k target tensors = 1 or 2):
-forward (1 + k) s, backward (1 + k + 1) s; eager PyTorch makes 3 to 8 full passes more.
+forward (1 + k) s, backward (1 + k + 1) s; eager PyTorch makes 3 to 8 full passes more. The
+elementwise kinds (l2, huber: every dsm_loss and LCM's consistency_loss) are linear in the sums, so
+an eager CPU call that will be differentiated computes the sums and d loss / d pred in one pass,
+(1 + k + 1) s in all, and ``loss.backward()`` takes that gradient as it is (``_OnePass``; NOTES
+"regression v2").
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ Layout: rows of the inputs (one sample each) must be contiguous inside; any batc
 Traffic of the fused forward per element (s = bytes of the dtype, k = number of prediction tensors,
 2 to 4, +1 with x_t): DMD reads x and the teacher twice (the second time from cache while a sample
 fits), the rest once, and writes g: (k + 1 + 1) s; SDS / VSD read k tensors and write g: (k + 1) s.
-The backward reads g and writes dloss/dx: 2 s.
+The backward reads g and writes dloss/dx: 2 s. In an eager CPU call that will be differentiated the
+kernel stores kappa g (d loss / d x at upstream gradient 1) and ``loss.backward()`` takes it as it is:
+no backward pass at all (``_OnePass``; NOTES "score diff v2").
 """
 
 from __future__ import annotations
