@@ -51,5 +51,6 @@ if has bench; then
   step bench_attention 100 "$PY" benchmarks/bench_attention.py --quick --csv "$CSV"
   step bench_dmd 60 "$PY" benchmarks/bench_dmd.py --quick --csv "$CSV"
   step bench_samplers 60 "$PY" benchmarks/bench_samplers.py --quick --csv "$CSV"
+  step bench_score_losses 80 "$PY" benchmarks/bench_score_losses.py --quick --no-compile --csv "$CSV"
 fi
 echo "=== done in $(( $(date +%s) - t0 ))s" | tee -a "$LOG"
