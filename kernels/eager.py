@@ -34,6 +34,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from flashdistill.kernels import backends
+
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 _any_requires_grad = getattr(torch._C, "_any_requires_grad", None) or (
     lambda *args: any(isinstance(a, Tensor) and a.requires_grad for a in args))
@@ -95,6 +97,14 @@ class Op:
                 return self.custom(*args)
             return self._function.apply(*args)
         return self.body(*args)
+
+
+def cpu_one_pass(op: str, backend: str, x: Tensor, args) -> bool:
+    """True when an eager call of ``op`` may take a CPU one-pass path (a forward that also writes d loss
+    / d x, handed over by ``upstream_is_one``): it will be differentiated (grad mode on, ``x`` requires
+    grad), the fast path applies to ``args``, and ``backend`` resolves to the C++ CPU backend."""
+    return (torch.is_grad_enabled() and x.requires_grad and _enabled and fast_path_allowed(args)
+            and backends.resolve(op, backend, x.device) == "cpu")
 
 
 def upstream_is_one(grad) -> bool:

@@ -118,9 +118,7 @@ def _linear_loss(op, names, pred, t1, t2, coef, kind, c, lam, div, backend):
     call will be differentiated (_OnePass), else the sums op (under torch.compile: one graph)."""
     backend = backends.requested(op, backend, pred.device)
     _validate(op, names, pred, t1, t2, coef)
-    if (torch.is_grad_enabled() and pred.requires_grad and (lam is None or not lam.requires_grad)
-            and eager._enabled and eager.fast_path_allowed((pred, t1, t2, coef, lam))
-            and backends.resolve(op, backend, pred.device) == "cpu"):
+    if (lam is None or not lam.requires_grad) and eager.cpu_one_pass(op, backend, pred, (pred, t1, t2, coef, lam)):
         S = _OnePass.apply(pred, t1, t2, coef, kind, c, _sum_weights(pred, lam, div, kind))
     else:
         S = _sums_op(pred, t1, t2, coef, kind, c, backend)

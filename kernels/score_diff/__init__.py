@@ -151,8 +151,7 @@ def _call(op, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, eps
     names = _NAMES[op]
     _validate(op, names, x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, float(eps), clip)
     args = (x, a, a_u, wa_t, wa, b, b_u, wb_t, wb, x_t, coef, scale, norm, float(eps), clip, loss_factor)
-    if (torch.is_grad_enabled() and x.requires_grad and eager._enabled and eager.fast_path_allowed(args)
-            and backends.resolve(op, backend, x.device) == "cpu"):
+    if eager.cpu_one_pass(op, backend, x, args):
         return _OnePass.apply(*args)
     loss, _ = _score_diff_op(*args, backend)
     return loss
