@@ -63,8 +63,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     Returns out [B, Hq, Lq, D] in q's dtype, or (out, lse) with ``return_lse``."""
     scale = _check_attention(OP, q, k, v, causal, scale)
     backend = backends.requested(OP, backend, q.device, IMPLEMENTED)
-    out, lse = _fwd_op(_last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v),
-                                                    causal, scale, backend)
+    out, lse = _fwd_op(_last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v), causal, scale, backend)
     return (out, lse.detach()) if return_lse else out
 
 

@@ -78,8 +78,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str =
         t_squared=t_squared)
     lam_f, lam_t = (0.5, lam.reshape(()).to(checks.compute_dtype(s.dtype))) if isinstance(lam, Tensor) else \
         (float(lam), None)
-    loss, soft, hard, _ = _kd_op(s2, t2, KINDS[divergence], V, float(temperature), float(beta),
-                                                      float(alpha), lam_f, lam_t, row_w, hard_labels, hard_w, backend)
+    loss, soft, hard, _ = _kd_op(s2, t2, KINDS[divergence], V, float(temperature), float(beta), float(alpha),
+                                 lam_f, lam_t, row_w, hard_labels, hard_w, backend)
     if return_parts:
         return loss, (soft * (t2f / n)).detach(), (hard / n).detach()
     return loss

@@ -75,8 +75,8 @@ def q_sample(x0: Tensor, t: Optional[Tensor] = None, schedule=None, *, alpha=Non
     backend = backends.requested(OP, backend, x0.device, IMPLEMENTED)
     zero = torch.zeros_like(a)
     coef = torch.stack([zero, zero, a, zero, zero, s, zero, zero], 1)  # out = alpha x + sigma z
-    xt, _, eps = _step_op(x0, None, None, None, None, 0.0, coef, noise, noise is None, seed,
-                                                    off, start, False, return_noise, backend)
+    xt, _, eps = _step_op(x0, None, None, None, None, 0.0, coef, noise, noise is None, seed, off, start, False,
+                          return_noise, backend)
     if source is not None:
         source.offset.add_(1)
     return (xt, eps) if return_noise else xt

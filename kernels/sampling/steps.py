@@ -60,8 +60,8 @@ def _run(op, model_output, x, ax, ap, kx, k0, kz, *, uncond, guidance, cfg, seed
     from flashdistill.kernels.sampling import IMPLEMENTED, _step_op
 
     backend = backends.requested(op, backend, x.device, IMPLEMENTED)
-    out, x0, _ = _step_op(x, model_output, uncond, hist, w_t, w, coef, None, stochastic,
-                                                    seed, off, 0, return_x0, False, backend)
+    out, x0, _ = _step_op(x, model_output, uncond, hist, w_t, w, coef, None, stochastic, seed, off, 0, return_x0,
+                          False, backend)
     if source is not None:
         source.offset.add_(1)
     return (out, x0) if return_x0 else out

@@ -104,8 +104,7 @@ def _sums(op, x, real, real_uncond, guidance, fake, fake_uncond, fake_guidance, 
     wr_t, wr = params.guidance_arg(op, "guidance", guidance, real_uncond, "real_uncond", cfg, x)
     wf_t, wf = params.guidance_arg(op, "fake_guidance", fake_guidance, fake_uncond, "fake_uncond", cfg, x)
     _validate(op, _USER_NAMES, x, real, real_uncond, wr_t, fake, fake_uncond, wf_t)
-    return _sums_op(x, real, real_uncond, wr_t, wr, fake, fake_uncond, wf_t,
-                                                      wf, backend)
+    return _sums_op(x, real, real_uncond, wr_t, wr, fake, fake_uncond, wf_t, wf, backend)
 
 
 _USER_NAMES = ("real", "real_uncond", "fake", "fake_uncond")
