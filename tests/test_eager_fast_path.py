@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import flashdistill as fd
 from flashdistill.kernels import eager
 from flashdistill.kernels.regression import _grad_op, _sums_op
+from oracle import randn
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def fast_path():
 
 def _inputs(seed, shape, n, grad=()):
     g = torch.Generator().manual_seed(seed)
-    out = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+    out = [randn(shape, torch.float64, generator=g) for _ in range(n)]
     return [t.requires_grad_(i in grad) for i, t in enumerate(out)]
 
 

@@ -14,6 +14,7 @@ import flashdistill as fd
 from flashdistill.kernels import eager, native
 from flashdistill.kernels import regression as R
 from flashdistill.kernels import score_diff as K1
+from oracle import randn
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(3, 2, 5, 7), (1, 1), (2, 4097)]  # odd sizes; one element; a row longer than a 2048 block
@@ -21,7 +22,7 @@ SHAPES = [(3, 2, 5, 7), (1, 1), (2, 4097)]  # odd sizes; one element; a row long
 
 def _data(shape, dtype, n, seed):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(n)]
+    return [randn(shape, dtype, generator=g) for _ in range(n)]
 
 
 def _weight(B, dtype, seed):
